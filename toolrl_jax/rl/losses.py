@@ -1,0 +1,216 @@
+"""Token log-probs/entropy from logits and the PPO-family loss terms (clipped policy loss, KL, value loss).
+
+Gradient accumulation: every loss here is `sum over valid tokens / normalizer`. Pass the GLOBAL normalizer of the
+whole mini-batch (`total_tokens`, or `total_sequences` for the sequence-mean mode; see `ppo.count_normalizers`) to
+each micro-batch call and the micro-batch losses and gradients add up exactly to the mini-batch token mean. With no
+normalizer the local count is used, i.e. a plain masked mean. Metrics follow the same rule (token sums divided by
+`total_tokens`) so they accumulate by summation too.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+# --------------------------------------------------------------------------- log-probs and entropy
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits) over the last axis, in float32: logsumexp(x) - sum(p * x).
+
+    Entries with p = 0 (e.g. logits of -inf) contribute nothing instead of NaN.
+    """
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    p = jnp.exp(x - lse[..., None])
+    return lse - jnp.sum(jnp.where(p > 0, p * x, 0.0), axis=-1)
+
+
+def _logp_entropy_dense(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    p = jnp.exp(x - lse[..., None])
+    entropy = lse - jnp.sum(jnp.where(p > 0, p * x, 0.0), axis=-1)
+    return picked - lse, entropy
+
+
+def _map_over_time_chunks(fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], inputs: jax.Array,
+                          targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Apply fn to [B, c, ...] slices of the time axis sequentially (lax.map); remainder handled separately."""
+    b, t = targets.shape
+    n_full = t // chunk_size
+    outs_logp, outs_ent = [], []
+    if n_full:
+        head = inputs[:, : n_full * chunk_size].reshape((b, n_full, chunk_size) + inputs.shape[2:])
+        head_t = targets[:, : n_full * chunk_size].reshape(b, n_full, chunk_size)
+        logp, ent = jax.lax.map(lambda xs: fn(xs[0], xs[1]), (jnp.moveaxis(head, 1, 0), jnp.moveaxis(head_t, 1, 0)))
+        outs_logp.append(jnp.moveaxis(logp, 0, 1).reshape(b, n_full * chunk_size))
+        outs_ent.append(jnp.moveaxis(ent, 0, 1).reshape(b, n_full * chunk_size))
+    if t % chunk_size:
+        logp, ent = fn(inputs[:, n_full * chunk_size:], targets[:, n_full * chunk_size:])
+        outs_logp.append(logp)
+        outs_ent.append(ent)
+    return jnp.concatenate(outs_logp, axis=1), jnp.concatenate(outs_ent, axis=1)
+
+
+def token_logprobs_and_entropy(logits: jax.Array, targets: jax.Array,
+                               chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    """log p(targets[b, t] | logits[b, t]) and the entropy of each position, both [B, T] float32.
+
+    The caller aligns the shift: logits at position t must be the prediction FOR targets[:, t]. The float32
+    log-softmax is computed `chunk_size` positions at a time (sequentially) when given, bounding the float32
+    temporaries to [B, chunk, V] when the logits are bf16.
+    """
+    chex.assert_rank([logits, targets], [3, 2])
+    chex.assert_equal_shape_prefix([logits, targets], 2)
+    if chunk_size is None or chunk_size >= targets.shape[1]:
+        return _logp_entropy_dense(logits, targets)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _map_over_time_chunks(_logp_entropy_dense, logits, targets, chunk_size)
+
+
+def token_logprobs_and_entropy_from_hidden(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                                           targets: jax.Array,
+                                           chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    """As `token_logprobs_and_entropy`, from final hidden states [B, T, H] and an LM-head function.
+
+    With `chunk_size`, the full [B, T, V] logits never exist: each chunk's logits are computed, reduced and
+    dropped, and (via jax.checkpoint) recomputed chunk by chunk in the backward pass. `logits_fn` maps
+    [B, c, H] -> [B, c, V] (e.g. `model.logits_from_hidden`).
+    """
+    chex.assert_rank([hidden, targets], [3, 2])
+    chex.assert_equal_shape_prefix([hidden, targets], 2)
+
+    def chunk_fn(h: jax.Array, tgt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _logp_entropy_dense(logits_fn(h), tgt)
+
+    if chunk_size is None or chunk_size >= targets.shape[1]:
+        return chunk_fn(hidden, targets)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _map_over_time_chunks(jax.checkpoint(chunk_fn), hidden, targets, chunk_size)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def aggregate(x: jax.Array, mask: jax.Array, mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
+              total_sequences: Optional[jax.Array] = None) -> jax.Array:
+    """Reduce a [B, T] per-token quantity to a scalar over valid tokens.
+
+    token-mean: sum over valid tokens / total_tokens (default: the local valid-token count).
+    seq-mean-token-mean: sum over sequences of (that sequence's token mean) / total_sequences (default: the local
+      number of sequences with at least one valid token).
+    """
+    chex.assert_rank([x, mask], 2)
+    chex.assert_equal_shape([x, mask])
+    m = mask.astype(bool)
+    xm = jnp.where(m, x.astype(jnp.float32), 0.0)
+    if mode == "token-mean":
+        denom = jnp.sum(m) if total_tokens is None else total_tokens
+        return jnp.sum(xm) / jnp.maximum(jnp.asarray(denom, jnp.float32), 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq_count = jnp.sum(m, axis=-1)
+        per_seq_mean = jnp.sum(xm, axis=-1) / jnp.maximum(per_seq_count, 1)
+        denom = jnp.sum(per_seq_count > 0) if total_sequences is None else total_sequences
+        return jnp.sum(per_seq_mean) / jnp.maximum(jnp.asarray(denom, jnp.float32), 1.0)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}")
+
+
+def _token_metric(x: jax.Array, mask: jax.Array, total_tokens: Optional[jax.Array]) -> jax.Array:
+    return aggregate(x, mask, "token-mean", total_tokens=total_tokens)
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3") -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1: logp - ref_logp.  k2: 0.5 * (logp - ref_logp)^2.  abs: |logp - ref_logp|.
+    k3 (veRL "low_var_kl"): with d = ref_logp - logp clipped to [-20, 20], exp(d) - d - 1, clamped to [-10, 10].
+    """
+    chex.assert_equal_shape([logp, ref_logp])
+    diff = logp.astype(jnp.float32) - ref_logp.astype(jnp.float32)
+    if kind == "k1":
+        return diff
+    if kind == "k2":
+        return 0.5 * jnp.square(diff)
+    if kind == "abs":
+        return jnp.abs(diff)
+    if kind == "k3":
+        d = jnp.clip(-diff, -20.0, 20.0)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+
+
+# --------------------------------------------------------------------------- policy and value losses
+
+
+def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
+                clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip_c: Optional[float] = None,
+                agg_mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
+                total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO clipped surrogate: per token max(-A r, -A clip(r, 1-eps, 1+eps_high)), r = exp(logp - old_logp).
+
+    `clip_eps_high` defaults to `clip_eps` (set it higher for DAPO-style clip-higher). With `dual_clip_c` (> 1),
+    tokens with A < 0 are additionally bounded by -A * c (dual-clip PPO); off by default. The log-ratio is clipped
+    to [-20, 20] before exp for safety, as veRL does.
+    Metrics (token means): clipfrac (the clipped branch is active), clipfrac_dual, approx_kl (mean old_logp - logp).
+    """
+    chex.assert_rank([logp, old_logp, advantages, mask], 2)
+    chex.assert_equal_shape([logp, old_logp, advantages, mask])
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = jnp.clip(logp.astype(jnp.float32) - old_logp.astype(jnp.float32), -20.0, 20.0)
+    ratio = jnp.exp(log_ratio)
+    adv = advantages.astype(jnp.float32)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    per_token = jnp.maximum(loss_unclipped, loss_clipped)
+    clipped = (loss_clipped > loss_unclipped).astype(jnp.float32)
+    dual = jnp.zeros_like(per_token)
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        bound = -adv * dual_clip_c
+        dual = ((adv < 0) & (per_token > bound)).astype(jnp.float32)
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
+    loss = aggregate(per_token, mask, agg_mode, total_tokens, total_sequences)
+    metrics = {
+        "clipfrac": _token_metric(clipped, mask, total_tokens),
+        "clipfrac_dual": _token_metric(dual, mask, total_tokens),
+        "approx_kl": _token_metric(-log_ratio, mask, total_tokens),
+    }
+    return loss, metrics
+
+
+def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *,
+               cliprange_value: float = 0.5, agg_mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
+               total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped value loss 0.5 * agg(max((v - R)^2, (v_clip - R)^2)), v_clip = old_v + clip(v - old_v, +-c).
+
+    Metrics (token means): vf_clipfrac (clipped branch strictly larger), vpred_mean.
+    """
+    chex.assert_rank([values, old_values, returns, mask], 2)
+    chex.assert_equal_shape([values, old_values, returns, mask])
+    v = values.astype(jnp.float32)
+    old_v = old_values.astype(jnp.float32)
+    ret = returns.astype(jnp.float32)
+    v_clipped = old_v + jnp.clip(v - old_v, -cliprange_value, cliprange_value)
+    loss_unclipped = jnp.square(v - ret)
+    loss_clipped = jnp.square(v_clipped - ret)
+    per_token = jnp.maximum(loss_unclipped, loss_clipped)
+    loss = 0.5 * aggregate(per_token, mask, agg_mode, total_tokens, total_sequences)
+    metrics = {
+        "vf_clipfrac": _token_metric((loss_clipped > loss_unclipped).astype(jnp.float32), mask, total_tokens),
+        "vpred_mean": _token_metric(v, mask, total_tokens),
+    }
+    return loss, metrics

@@ -1,0 +1,97 @@
+"""The actor (policy) and critic objectives of PPO/GRPO assembled from the loss terms, with their configs.
+
+actor loss = policy_loss - entropy_coef * entropy + kl_loss_coef * KL(pi || pi_ref), each aggregated with the same
+mode. For gradient accumulation compute the normalizers once per mini-batch with `count_normalizers` and pass them to
+every micro-batch call: the micro-batch losses (and gradients, and metrics) then sum to the mini-batch values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from toolrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, aggregate, kl_estimate, policy_loss, value_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """PPO-clip actor objective. Defaults are ToolRL's GRPO recipe (clip 0.2, entropy bonus 0.001, KL loss off)."""
+
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # None = symmetric clipping
+    dual_clip_c: Optional[float] = None  # e.g. 3.0 enables dual-clip PPO; off by default
+    entropy_coef: float = 0.001
+    kl_loss_coef: float = 0.0  # > 0 adds a KL-to-reference loss term (needs ref log-probs)
+    kl_loss_type: str = "k3"
+    agg_mode: str = "token-mean"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.clip_eps < 1.0:
+            raise ValueError(f"PolicyLossConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0.0:
+            raise ValueError(f"PolicyLossConfig.clip_eps_high must be positive, got {self.clip_eps_high}")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(f"PolicyLossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.kl_loss_type not in KL_ESTIMATORS:
+            raise ValueError(f"PolicyLossConfig.kl_loss_type must be one of {KL_ESTIMATORS}, got {self.kl_loss_type!r}")
+        if self.agg_mode not in AGG_MODES:
+            raise ValueError(f"PolicyLossConfig.agg_mode must be one of {AGG_MODES}, got {self.agg_mode!r}")
+        if self.kl_loss_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("PolicyLossConfig: kl_loss_coef and entropy_coef must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueLossConfig:
+    """Clipped critic objective (ToolRL's PPO baseline: value clip 0.5, loss scaled by 0.5)."""
+
+    cliprange_value: float = 0.5
+    agg_mode: str = "token-mean"
+
+    def __post_init__(self) -> None:
+        if self.cliprange_value <= 0:
+            raise ValueError(f"ValueLossConfig.cliprange_value must be positive, got {self.cliprange_value}")
+        if self.agg_mode not in AGG_MODES:
+            raise ValueError(f"ValueLossConfig.agg_mode must be one of {AGG_MODES}, got {self.agg_mode!r}")
+
+
+def count_normalizers(mask: jax.Array) -> dict[str, jax.Array]:
+    """Global normalizers of a mini-batch mask [B, T]: valid tokens and sequences with >= 1 valid token."""
+    chex.assert_rank(mask, 2)
+    m = mask.astype(bool)
+    return {"total_tokens": jnp.sum(m).astype(jnp.float32),
+            "total_sequences": jnp.sum(jnp.any(m, axis=-1)).astype(jnp.float32)}
+
+
+def actor_loss(logp: jax.Array, entropy: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
+               config: PolicyLossConfig, ref_logp: Optional[jax.Array] = None,
+               total_tokens: Optional[jax.Array] = None,
+               total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar actor loss for one (micro-)batch plus metrics; all inputs [B, T] (advantages already per token)."""
+    chex.assert_equal_shape([logp, entropy, old_logp, advantages, mask])
+    pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps=config.clip_eps,
+                              clip_eps_high=config.clip_eps_high, dual_clip_c=config.dual_clip_c,
+                              agg_mode=config.agg_mode, total_tokens=total_tokens, total_sequences=total_sequences)
+    ent = aggregate(entropy, mask, config.agg_mode, total_tokens, total_sequences)
+    loss = pg - config.entropy_coef * ent
+    metrics = dict(metrics, pg_loss=pg, entropy=aggregate(entropy, mask, "token-mean", total_tokens))
+    if config.kl_loss_coef > 0:
+        if ref_logp is None:
+            raise ValueError("actor_loss: kl_loss_coef > 0 needs ref_logp")
+        kl = aggregate(kl_estimate(logp, ref_logp, config.kl_loss_type), mask, config.agg_mode, total_tokens,
+                       total_sequences)
+        loss = loss + config.kl_loss_coef * kl
+        metrics["kl_loss"] = kl
+    metrics["actor_loss"] = loss
+    return loss, metrics
+
+
+def critic_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
+                config: ValueLossConfig, total_tokens: Optional[jax.Array] = None,
+                total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar clipped value loss for one (micro-)batch plus metrics."""
+    loss, metrics = value_loss(values, old_values, returns, mask, cliprange_value=config.cliprange_value,
+                               agg_mode=config.agg_mode, total_tokens=total_tokens, total_sequences=total_sequences)
+    return loss, dict(metrics, vf_loss=loss)
