@@ -16,12 +16,12 @@ VALUE_MATCH_MODES = ("strict", "tolerant")
 
 
 class RewardConfigError(ValueError):
-    """An invalid RewardConfig field; `field` names it so flag parsers can point at the right flag."""
+    """An invalid RewardConfig value; `fields` names the field(s) involved so flag parsers can name the flags."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"RewardConfig.{field}: {message}")
-        self.field = field
+    def __init__(self, fields: str | tuple[str, ...], message: str):
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
         self.message = message
+        super().__init__(f"RewardConfig.{'/'.join(self.fields)}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ class RewardConfig:
             ("length_min", "length_max"),
         ):
             if getattr(self, lo) > getattr(self, hi):
-                raise RewardConfigError(lo, f"{getattr(self, lo)} is above {hi} = {getattr(self, hi)}")
+                raise RewardConfigError((lo, hi), f"{lo} = {getattr(self, lo)} is above {hi} = {getattr(self, hi)}")
         for name in ("length_target", "length_schedule_start", "length_schedule_end"):
             if getattr(self, name) <= 0:
                 raise RewardConfigError(name, f"must be > 0 (it divides the think word count), got {getattr(self, name)}")
@@ -172,7 +172,10 @@ class RewardConfig:
         return StepScales(f_max, f_min, c_max, c_min, length_target, self.length_max, self.length_min)
 
     def bounds(self, step: int) -> dict[str, tuple[float, float]]:
-        """Declared [lo, hi] of each component and of the total at `step` (correctness is 0 for non-tool GTs)."""
+        """Declared [lo, hi] of each component and of the total at `step` (correctness is 0 for non-tool GTs).
+
+        As in the original, correctness = (max - min) * score / S_max + min can land one ulp outside [min, max]
+        when score == S_max without an exact list match (e.g. calls in another order)."""
         s = self.scales(step)
         fmt = (min(s.format_min, s.format_max), max(s.format_min, s.format_max))
         corr = (min(s.correctness_min, 0.0), max(s.correctness_max, 0.0))

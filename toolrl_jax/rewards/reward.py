@@ -11,6 +11,7 @@ from typing import Any
 
 from toolrl_jax.rewards.config import RewardConfig, StepScales
 from toolrl_jax.rewards.parsing import (
+    COUNTED_TAGS,
     ParsedGroundTruth,
     ParsedResponse,
     parse_ground_truth,
@@ -49,6 +50,11 @@ class RewardComponents:
     correctness: float
     length: float
     accuracy: float
+
+
+def required_once_tags(gt: ParsedGroundTruth) -> tuple[str, ...]:
+    """The tags that the format rule picked by `gt` requires to occur exactly once in the response."""
+    return tuple(COUNTED_TAGS[i] for i in _FORMAT_RULES[(gt.has_tool_call, gt.has_response)][1])
 
 
 def format_ok(resp: ParsedResponse, gt: ParsedGroundTruth) -> bool:
