@@ -1,0 +1,177 @@
+"""Benchmark: reward scoring of a rollout batch (default 2,048 responses), serial vs process pool, plus the JAX
+token-level tag counter against the string format check it would pre-filter.
+
+    python -m experiments.bench_rewards [--test_parquet ../shared/data/toolrl/test.parquet] [--num_workers 2]
+
+Responses are realistic: ground truths (from --test_parquet, else synthetic) with a long generated <think>
+(50-400 words), mixed 40% correct / 40% mutated (dropped call, swapped order, changed value, extra key, bad JSON,
+missing newline, "arguments" key, duplicated call, ...) / 20% garbage.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+
+from absl import app, flags
+
+from toolrl_jax.rewards import RewardConfig, make_reward_pool, parse_ground_truth, parse_response, score_batch
+from toolrl_jax.rewards.mutations import MUTATIONS
+from toolrl_jax.rewards.reward import format_ok
+
+_N = flags.DEFINE_integer("num_responses", 2048, "Responses per batch.")
+_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes for the pooled run.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 128, "Responses per pool task.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
+_PARQUET = flags.DEFINE_string("test_parquet", None, "ToolRL parquet whose ground truths to use (else synthetic).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for the response mix.")
+_TOKENS = flags.DEFINE_integer("token_length", 1024, "Response token length for the JAX tag-counter timing.")
+_JSON = flags.DEFINE_string("json_out", None, "Write the figures to this JSON file.")
+
+_WORDS = ("the user wants to call tool with parameter value check whether I should first need city date "
+          "because however let me verify required optional default format json string number").split()
+_NAMES = ("get_weather", "search_hotels", "convert_currency", "Get News", "calc_bmi", "lookup_stock")
+_KEYS = ("city", "date", "amount", "from", "to", "query", "page", "limit", "verbose", "symbol")
+
+
+def _synthetic_gt(rng: random.Random) -> str:
+    if rng.random() < 0.12:
+        return "<think> I should directly respond to the user's need. </think>\n<response> Please give the date. </response>"
+    calls = []
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+        params = {k: rng.choice([rng.choice(_WORDS), rng.randint(0, 500), rng.random() < 0.5, "New York"])
+                  for k in rng.sample(_KEYS, rng.randint(0, 4))}
+        calls.append({"name": rng.choice(_NAMES), "parameters": params})
+    lines = "\n".join(json.dumps(c) for c in calls)
+    return f"<think> I should use the appropriate tool. </think>\n<tool_call>\n{lines}\n</tool_call>"
+
+
+def _long_think(gt: str, rng: random.Random) -> str:
+    think = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(50, 400)))
+    return f"<think> {think} </think>" + gt.partition("</think>")[2]
+
+
+def build_batch(n: int, gts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """n (response, ground truth) pairs: 40% correct, 40% mutated, 20% garbage."""
+    rng = random.Random(seed)
+    mutations = [m for name, m in MUTATIONS.items() if name != "identity"]
+    responses, targets = [], []
+    for i in range(n):
+        gt = gts[i // 4 % len(gts)]  # GRPO: 4 responses per prompt share a ground truth
+        base = _long_think(gt, rng)
+        u = rng.random()
+        if u < 0.4:
+            response = base
+        elif u < 0.8:
+            response = rng.choice(mutations)(base) or base[: len(base) // 3]
+        else:
+            response = "".join(rng.choice(["<think>", "</think>", "{", "\"", "\n", " ", "<tool_call>", "ok"] + _WORDS)
+                               for _ in range(rng.randint(0, 600)))
+        responses.append(response)
+        targets.append(gt)
+    return responses, targets
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _token_path_timing(responses: list[str], targets: list[str], length: int, repeats: int) -> dict[str, float]:
+    """Time the JAX tag counter on [N, length] ids vs the string format check on the same responses."""
+    import jax
+    import numpy as np
+
+    from toolrl_jax.rewards.token_format import (
+        TagTokenPatterns,
+        count_tag_tokens,
+        definitely_malformed,
+        required_once_mask,
+    )
+
+    specials = {"<tool_call>": 256, "</tool_call>": 257}
+
+    def encode(text: str) -> list[int]:  # byte-level ids with special single-token tags (Qwen-like)
+        ids, i = [], 0
+        while i < len(text):
+            for s, sid in specials.items():
+                if text.startswith(s, i):
+                    ids.append(sid)
+                    i += len(s)
+                    break
+            else:
+                ids.extend(text[i].encode())
+                i += 1
+        return ids
+
+    patterns = TagTokenPatterns.from_encode(encode)
+    ids = np.zeros((len(responses), length), np.int32)
+    mask = np.zeros((len(responses), length), bool)
+    for b, text in enumerate(responses):
+        row = encode(text)[:length]
+        ids[b, : len(row)], mask[b, : len(row)] = row, True
+    gts = [parse_ground_truth(t) for t in targets]
+    required = required_once_mask(gts)
+    ids_d, mask_d, req_d = jax.device_put(ids), jax.device_put(mask), jax.device_put(required)
+    pat_ids, pat_len = jax.device_put(patterns.ids), jax.device_put(patterns.lengths)
+
+    def token_path():
+        counts = count_tag_tokens(ids_d, mask_d, pat_ids, pat_len)
+        return np.asarray(definitely_malformed(counts, req_d))
+
+    rejected = token_path()  # compile
+    parsed = [parse_response(t) for t in responses]
+    string_time = _median_time(lambda: [format_ok(p, g) for p, g in zip(parsed, gts)], repeats)
+    return {
+        "token_path_s": _median_time(token_path, repeats),
+        "string_format_check_s": string_time,
+        "token_prefilter_rejects": int(rejected.sum()),
+        "string_format_failures": sum(not format_ok(p, g) for p, g in zip(parsed, gts)),
+        "jax_backend": jax.default_backend(),
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _PARQUET.value:
+        import pyarrow.parquet as pq
+
+        gts = [row["reward_model"]["ground_truth"] for row in pq.read_table(_PARQUET.value).to_pylist()]
+        source = _PARQUET.value
+    else:
+        rng = random.Random(_SEED.value + 1)
+        gts = [_synthetic_gt(rng) for _ in range(512)]
+        source = "synthetic"
+    responses, targets = build_batch(_N.value, gts, _SEED.value)
+    chars = sum(map(len, responses)) / len(responses)
+    results: dict[str, object] = {"num_responses": len(responses), "ground_truths": source,
+                                  "mean_response_chars": round(chars, 1)}
+    configs = {
+        "original": RewardConfig(),
+        "all_options": RewardConfig(length=True, scheduled_scale=True, matching="optimal", value_match="tolerant",
+                                    partial_format=True),
+    }
+    with make_reward_pool(_WORKERS.value) as pool:
+        score_batch(responses, targets, 1, pool=pool, chunk_size=_CHUNK.value)  # start the workers
+        for name, config in configs.items():
+            serial = _median_time(lambda: score_batch(responses, targets, 1, config), _REPEATS.value)
+            pooled = _median_time(
+                lambda: score_batch(responses, targets, 1, config, pool=pool, chunk_size=_CHUNK.value), _REPEATS.value)
+            batch = score_batch(responses, targets, 1, config)
+            results[name] = {"serial_s": serial, f"pool{_WORKERS.value}_s": pooled,
+                             "mean_total": float(batch.total.mean()), "accuracy": float(batch.accuracy.mean())}
+    results["parse_only_s"] = _median_time(lambda: [parse_response(r) for r in responses], _REPEATS.value)
+    results["token_path"] = _token_path_timing(responses, targets, _TOKENS.value, _REPEATS.value)
+    print(json.dumps(results, indent=2))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
