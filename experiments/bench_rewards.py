@@ -9,6 +9,7 @@ missing newline, "arguments" key, duplicated call, ...) / 20% garbage.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import statistics
@@ -91,24 +92,12 @@ def _token_path_timing(responses: list[str], targets: list[str], length: int, re
         TagTokenPatterns,
         count_tag_tokens,
         definitely_malformed,
+        encode_bytes_with_specials,
         required_once_mask,
     )
 
-    specials = {"<tool_call>": 256, "</tool_call>": 257}
-
-    def encode(text: str) -> list[int]:  # byte-level ids with special single-token tags (Qwen-like)
-        ids, i = [], 0
-        while i < len(text):
-            for s, sid in specials.items():
-                if text.startswith(s, i):
-                    ids.append(sid)
-                    i += len(s)
-                    break
-            else:
-                ids.extend(text[i].encode())
-                i += 1
-        return ids
-
+    specials = {"<tool_call>": 256, "</tool_call>": 257}  # single special tokens, as in Qwen's vocabulary
+    encode = functools.partial(encode_bytes_with_specials, special_ids=specials)
     patterns = TagTokenPatterns.from_encode(encode)
     ids = np.zeros((len(responses), length), np.int32)
     mask = np.zeros((len(responses), length), bool)

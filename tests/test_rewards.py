@@ -381,3 +381,12 @@ def test_score_batch_with_process_pool_is_deterministic():
         pooled = score_batch(responses, gts, 3, pool=pool, chunk_size=32)
     for name in ("total", "format", "correctness", "length", "accuracy"):
         np.testing.assert_array_equal(getattr(serial, name), getattr(pooled, name))
+
+
+def test_bench_batch_mix():
+    from experiments.bench_rewards import build_batch
+
+    responses, gts = build_batch(200, [GT, GT_RESPONSE_ONLY], seed=0)
+    batch = score_batch(responses, gts, 1)
+    assert len(batch) == 200 and gts[:8] == [GT] * 4 + [GT_RESPONSE_ONLY] * 4  # 4 responses per prompt
+    assert 0.25 < batch.accuracy.mean() < 0.9 and (batch.total == 4.0).any() and (batch.total <= 0.0).any()

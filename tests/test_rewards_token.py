@@ -15,6 +15,7 @@ from toolrl_jax.rewards.token_format import (
     TagTokenPatterns,
     count_tag_tokens,
     definitely_malformed,
+    encode_bytes_with_specials,
     required_once_mask,
 )
 
@@ -33,17 +34,7 @@ class ToyTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Specials as single tokens, everything else as bytes (no merges: the canonical spelling)."""
-        ids, i = [], 0
-        while i < len(text):
-            for s, sid in self.special_ids.items():
-                if text.startswith(s, i):
-                    ids.append(sid)
-                    i += len(s)
-                    break
-            else:
-                ids.extend(text[i].encode())
-                i += 1
-        return ids
+        return encode_bytes_with_specials(text, self.special_ids)
 
     def decode(self, ids) -> str:
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")

@@ -42,8 +42,8 @@ _THINK_BLOCK_FIRST = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 @dataclasses.dataclass(frozen=True)
 class RewardComponents:
-    """One response's reward. accuracy: 1.0 when the call list exactly equals the GT's (for a GT without tool
-    calls: when the response has no <tool_call>), for logging only."""
+    """One response's reward. accuracy (for logging): 1.0 when the call list equals the GT's, order included
+    (tolerantly under value_match="tolerant"); for a GT without tool calls, when the response has no <tool_call>."""
 
     total: float
     format: float

@@ -28,6 +28,22 @@ from toolrl_jax.rewards.parsing import COUNTED_TAGS, ParsedGroundTruth
 from toolrl_jax.rewards.reward import required_once_tags
 
 
+def encode_bytes_with_specials(text: str, special_ids: dict[str, int]) -> list[int]:
+    """A byte-level reference encoding (ids 0-255 = UTF-8 bytes, `special_ids` as single tokens), the canonical
+    spelling used by tests and benchmarks where no real tokenizer is needed."""
+    ids, i = [], 0
+    while i < len(text):
+        for special, sid in special_ids.items():
+            if text.startswith(special, i):
+                ids.append(sid)
+                i += len(special)
+                break
+        else:
+            ids.extend(text[i].encode())
+            i += 1
+    return ids
+
+
 def _has_border(s: str) -> bool:
     """True if a proper prefix of s equals a suffix (then occurrences could overlap)."""
     return any(s[:k] == s[-k:] for k in range(1, len(s)))
