@@ -18,7 +18,7 @@ import time
 from absl import app, flags
 
 from toolrl_jax.rewards import RewardConfig, make_reward_pool, parse_ground_truth, parse_response, score_batch
-from toolrl_jax.rewards.mutations import MUTATIONS
+from toolrl_jax.rewards.mutations import rollout_mix, synthetic_ground_truth
 from toolrl_jax.rewards.reward import format_ok
 
 _N = flags.DEFINE_integer("num_responses", 2048, "Responses per batch.")
@@ -29,50 +29,6 @@ _PARQUET = flags.DEFINE_string("test_parquet", None, "ToolRL parquet whose groun
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the response mix.")
 _TOKENS = flags.DEFINE_integer("token_length", 1024, "Response token length for the JAX tag-counter timing.")
 _JSON = flags.DEFINE_string("json_out", None, "Write the figures to this JSON file.")
-
-_WORDS = ("the user wants to call tool with parameter value check whether I should first need city date "
-          "because however let me verify required optional default format json string number").split()
-_NAMES = ("get_weather", "search_hotels", "convert_currency", "Get News", "calc_bmi", "lookup_stock")
-_KEYS = ("city", "date", "amount", "from", "to", "query", "page", "limit", "verbose", "symbol")
-
-
-def _synthetic_gt(rng: random.Random) -> str:
-    if rng.random() < 0.12:
-        return "<think> I should directly respond to the user's need. </think>\n<response> Please give the date. </response>"
-    calls = []
-    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
-        params = {k: rng.choice([rng.choice(_WORDS), rng.randint(0, 500), rng.random() < 0.5, "New York"])
-                  for k in rng.sample(_KEYS, rng.randint(0, 4))}
-        calls.append({"name": rng.choice(_NAMES), "parameters": params})
-    lines = "\n".join(json.dumps(c) for c in calls)
-    return f"<think> I should use the appropriate tool. </think>\n<tool_call>\n{lines}\n</tool_call>"
-
-
-def _long_think(gt: str, rng: random.Random) -> str:
-    think = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(50, 400)))
-    return f"<think> {think} </think>" + gt.partition("</think>")[2]
-
-
-def build_batch(n: int, gts: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """n (response, ground truth) pairs: 40% correct, 40% mutated, 20% garbage."""
-    rng = random.Random(seed)
-    mutations = [m for name, m in MUTATIONS.items() if name != "identity"]
-    responses, targets = [], []
-    for i in range(n):
-        gt = gts[i // 4 % len(gts)]  # GRPO: 4 responses per prompt share a ground truth
-        base = _long_think(gt, rng)
-        u = rng.random()
-        if u < 0.4:
-            response = base
-        elif u < 0.8:
-            response = rng.choice(mutations)(base) or base[: len(base) // 3]
-        else:
-            response = "".join(rng.choice(["<think>", "</think>", "{", "\"", "\n", " ", "<tool_call>", "ok"] + _WORDS)
-                               for _ in range(rng.randint(0, 600)))
-        responses.append(response)
-        targets.append(gt)
-    return responses, targets
-
 
 def _median_time(fn, repeats: int) -> float:
     times = []
@@ -134,9 +90,9 @@ def main(argv: list[str]) -> None:
         source = _PARQUET.value
     else:
         rng = random.Random(_SEED.value + 1)
-        gts = [_synthetic_gt(rng) for _ in range(512)]
+        gts = [synthetic_ground_truth(rng) for _ in range(512)]
         source = "synthetic"
-    responses, targets = build_batch(_N.value, gts, _SEED.value)
+    responses, targets = rollout_mix(_N.value, gts, _SEED.value)
     chars = sum(map(len, responses)) / len(responses)
     results: dict[str, object] = {"num_responses": len(responses), "ground_truths": source,
                                   "mean_response_chars": round(chars, 1)}

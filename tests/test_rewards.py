@@ -383,10 +383,12 @@ def test_score_batch_with_process_pool_is_deterministic():
         np.testing.assert_array_equal(getattr(serial, name), getattr(pooled, name))
 
 
-def test_bench_batch_mix():
-    from experiments.bench_rewards import build_batch
+def test_rollout_mix():
+    from toolrl_jax.rewards.mutations import rollout_mix, synthetic_ground_truth
 
-    responses, gts = build_batch(200, [GT, GT_RESPONSE_ONLY], seed=0)
+    parse_ground_truth(synthetic_ground_truth(random.Random(0)))
+    responses, gts = rollout_mix(200, [GT, GT_RESPONSE_ONLY], seed=0)
+    assert rollout_mix(200, [GT, GT_RESPONSE_ONLY], seed=0) == (responses, gts)
     batch = score_batch(responses, gts, 1)
     assert len(batch) == 200 and gts[:8] == [GT] * 4 + [GT_RESPONSE_ONLY] * 4  # 4 responses per prompt
     assert 0.25 < batch.accuracy.mean() < 0.9 and (batch.total == 4.0).any() and (batch.total <= 0.0).any()

@@ -1,4 +1,4 @@
-"""Deterministic mutations of a ground-truth turn, for reward tests and benchmarks (realistic near-miss responses).
+"""Deterministic mutations of a ground-truth turn and realistic rollout mixes, for reward tests and benchmarks.
 
 Each mutation takes a ground-truth text and returns a response text, or None when it does not apply (e.g. no
 <tool_call> block, or no parameter value to change).
@@ -6,6 +6,7 @@ Each mutation takes a ground-truth text and returns a response text, or None whe
 from __future__ import annotations
 
 import json
+import random
 from typing import Any, Callable
 
 from toolrl_jax.rewards.parsing import CALL_CLOSE, CALL_OPEN
@@ -86,3 +87,48 @@ MUTATIONS: dict[str, Callable[[str], str | None]] = {
     "response_only": lambda t: "<think> I can answer directly. </think>\n<response> Sorry, I cannot help. </response>",
     "truncated": lambda t: t[: len(t) // 2],
 }
+
+_WORDS = ("the user wants to call tool with parameter value check whether I should first need city date "
+          "because however let me verify required optional default format json string number").split()
+_NAMES = ("get_weather", "search_hotels", "convert_currency", "Get News", "calc_bmi", "lookup_stock")
+_KEYS = ("city", "date", "amount", "from", "to", "query", "page", "limit", "verbose", "symbol")
+
+
+def synthetic_ground_truth(rng: random.Random) -> str:
+    """A random ToolRL-style ground truth: 1-3 calls with 0-4 parameters (12% response-only)."""
+    if rng.random() < 0.12:
+        return "<think> I should directly respond to the user's need. </think>\n<response> Please give the date. </response>"
+    calls = []
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+        params = {k: rng.choice([rng.choice(_WORDS), rng.randint(0, 500), rng.random() < 0.5, "New York"])
+                  for k in rng.sample(_KEYS, rng.randint(0, 4))}
+        calls.append({"name": rng.choice(_NAMES), "parameters": params})
+    lines = "\n".join(json.dumps(c) for c in calls)
+    return f"<think> I should use the appropriate tool. </think>\n<tool_call>\n{lines}\n</tool_call>"
+
+
+def _long_think(gt: str, rng: random.Random) -> str:
+    think = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(50, 400)))
+    return f"<think> {think} </think>" + gt.partition("</think>")[2]
+
+
+def rollout_mix(n: int, gts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """n realistic (response, ground truth) pairs, 4 per GT as in a GRPO group: a long generated <think>
+    (50-400 words), then 40% correct, 40% mutated (a random MUTATIONS entry), 20% garbage tag soup."""
+    rng = random.Random(seed)
+    mutations = [m for name, m in MUTATIONS.items() if name != "identity"]
+    responses, targets = [], []
+    for i in range(n):
+        gt = gts[i // 4 % len(gts)]  # GRPO: 4 responses per prompt share a ground truth
+        base = _long_think(gt, rng)
+        u = rng.random()
+        if u < 0.4:
+            response = base
+        elif u < 0.8:
+            response = rng.choice(mutations)(base) or base[: len(base) // 3]
+        else:
+            response = "".join(rng.choice(["<think>", "</think>", "{", "\"", "\n", " ", "<tool_call>", "ok"] + _WORDS)
+                               for _ in range(rng.randint(0, 600)))
+        responses.append(response)
+        targets.append(gt)
+    return responses, targets
