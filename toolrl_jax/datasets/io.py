@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,20 +56,15 @@ def example_from_rl_row(row: Mapping[str, Any], row_number: int, path: Path | st
     try:
         example = ToolRLExample(
             prompt_messages=list(prompt), ground_truth=reward_model["ground_truth"],
-            index=extra.get("index", row_number) if extra.get("index") is not None else row_number,
+            index=row_number if extra.get("index") is None else extra["index"],
             source=row.get("data_source") or DEFAULT_DATA_SOURCE, split=extra.get("split") or "",
             ability=row.get("ability") or DEFAULT_ABILITY,
             reward_style=reward_model.get("style") or DEFAULT_REWARD_STYLE)
     except (TypeError, ValueError) as err:
         raise _row_error(path, row_number, str(err)) from err
     if extra and extra != example.derived_extra_info():
-        example = _with_extra(example, extra)
+        example = dataclasses.replace(example, extra_info=extra)
     return example
-
-
-def _with_extra(example: ToolRLExample, extra: Mapping[str, Any]) -> ToolRLExample:
-    import dataclasses
-    return dataclasses.replace(example, extra_info=dict(extra))
 
 
 def example_from_sft_record(record: Mapping[str, Any], row_number: int, source: str,
