@@ -19,10 +19,11 @@ import pytest
 from toolrl_jax.datasets import (DataFileError, MixConfig, ToolRLExample, build_mix, read_examples, read_json,
                                  read_parquet, write_parquet, write_sft_json)
 from toolrl_jax.datasets.format import (THINK_CALL, THINK_RESPOND, ToolSpec, format_assistant_turn,
-                                        parse_ground_truth_calls, parse_tool_blocks, render_system_prompt)
+                                        parse_tool_blocks, render_system_prompt)
 from toolrl_jax.datasets.io import PARQUET_SCHEMA, examples_to_table
 from toolrl_jax.datasets.sources import (NO_TOOL_RESPONSE, ConversionReport, convert_file, convert_hammer,
                                          convert_toolace, convert_xlam)
+from toolrl_jax.rewards.parsing import parse_ground_truth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,13 +36,18 @@ _FORMAT_PATTERNS = {
 }
 
 
+def gt_calls(truth: str) -> list[dict]:
+    """The calls of a ground truth as the reward parses them (raises on a malformed one)."""
+    return parse_ground_truth(truth).calls or []
+
+
 def assert_well_formed(truth: str) -> None:
     """The ground truth matches its own format pattern, each counted tag occurs once, and its calls parse."""
     has_call, has_resp = "<tool_call>" in truth, "<response>" in truth
     assert re.search(_FORMAT_PATTERNS[(has_call, has_resp)], truth, re.DOTALL), truth
     tags = (["<tool_call>", "</tool_call>"] if has_call else []) + (["<response>", "</response>"] if has_resp else [])
     assert all(truth.count(t) == 1 for t in tags), truth
-    assert parse_ground_truth_calls(truth) is not None, truth
+    gt_calls(truth)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +192,7 @@ def test_toolace_sample_every_row_converted_or_reported(toolace):
     for example in examples:
         assert_well_formed(example.ground_truth)
         names = {t.name for t in parse_tool_blocks(example.system)}
-        assert {c["name"] for c in parse_ground_truth_calls(example.ground_truth)} <= names
+        assert {c["name"] for c in gt_calls(example.ground_truth)} <= names
         assert example.user.startswith("**Dialogue Records History**\n<user> ")
 
 
@@ -289,7 +295,7 @@ def test_hammer_sample(shared_dir):
     # Row 4: masked names, floats and booleans kept exactly as the source has them.
     row4 = examples[3]
     expected = json.loads(records[4]["output"].strip("`\n"))
-    assert parse_ground_truth_calls(row4.ground_truth) == [
+    assert gt_calls(row4.ground_truth) == [
         {"name": c["name"], "parameters": c["arguments"]} for c in expected]
     assert row4.user == ("**Dialogue Records History**\n<user> Produce a 12-character password including "
                          "special characters. </user>")
@@ -336,7 +342,7 @@ def test_xlam_tiny_sample(tmp_path):
         '{"name": "get_weather", "parameters": {"city": "Oslo"}}\n'
         '{"name": "get_weather", "parameters": {"city": "Rome"}}\n</tool_call>')
     assert '"a": {"description": "x", "type": "int", "default": 0}' in add.system
-    assert parse_ground_truth_calls(add.ground_truth) == [{"name": "add", "parameters": {"a": 2, "b": 3}}]
+    assert gt_calls(add.ground_truth) == [{"name": "add", "parameters": {"a": 2, "b": 3}}]
     assert len(convert_xlam(XLAM_TINY, empty_calls="response")) == 3
     with pytest.raises(ValueError, match="empty_calls"):
         convert_hammer([], empty_calls="maybe")

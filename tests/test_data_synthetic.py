@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from toolrl_jax.datasets import SyntheticConfig, make_synthetic_split
-from toolrl_jax.datasets.format import (SYSTEM_FOOTER, SYSTEM_HEADER, parse_ground_truth_calls,
-                                        parse_tool_blocks)
+from toolrl_jax.datasets.format import SYSTEM_FOOTER, SYSTEM_HEADER, parse_tool_blocks
 from toolrl_jax.datasets.synthetic import (CASES, COMPACT_FOOTER, COMPACT_HEADER, TOOLS, UNAVAILABLE_REPLY,
                                            sample_example)
 
-from tests.test_data_formats import assert_well_formed
+from tests.test_data_formats import assert_well_formed, gt_calls
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +51,7 @@ def test_ground_truths_well_formed_and_grounded(split):
         assert 1 <= len(tools) <= 2
         for tool in tools.values():
             assert TOOLS[tool.name].parameters == tool.parameters  # rendering round-trips
-        calls = parse_ground_truth_calls(example.ground_truth)
+        calls = gt_calls(example.ground_truth)
         request = re.fullmatch(r"\*\*Dialogue Records History\*\*\n<user> (.*) </user>", example.user).group(1)
         kinds[len(calls)] += 1
         for call in calls:
@@ -80,7 +79,7 @@ def test_every_case_occurs_and_weights_are_respected():
     only_parallel = SyntheticConfig(case_weights={"parallel": 1.0})
     train, _ = make_synthetic_split(50, 0, seed=1, config=only_parallel)
     for example in train:
-        calls = parse_ground_truth_calls(example.ground_truth)
+        calls = gt_calls(example.ground_truth)
         assert len(calls) == 2 and calls[0]["name"] == calls[1]["name"]
 
 
@@ -109,9 +108,9 @@ def test_references_get_maximum_reward_and_leave_headroom(split):
     baseline = rewards.score_batch(prose, truths, step=0)
     assert baseline.total.mean() < result.total.mean() - 2.0
     # Dropping a parameter keeps the format reward and earns partial correctness.
-    call_example = next(e for e in examples if len(parse_ground_truth_calls(e.ground_truth)) == 1
-                        and len(parse_ground_truth_calls(e.ground_truth)[0]["parameters"]) >= 2)
-    call = parse_ground_truth_calls(call_example.ground_truth)[0]
+    call_example = next(e for e in examples if len(gt_calls(e.ground_truth)) == 1
+                        and len(gt_calls(e.ground_truth)[0]["parameters"]) >= 2)
+    call = gt_calls(call_example.ground_truth)[0]
     first_key = next(iter(call["parameters"]))
     partial = dict(call, parameters={k: v for k, v in call["parameters"].items() if k != first_key})
     response = call_example.ground_truth.replace(json.dumps(call), json.dumps(partial))

@@ -182,23 +182,3 @@ def prompt_messages(system: str, history_blocks: Sequence[str]) -> list[dict[str
     """The two-message prompt of a ToolRL example."""
     return [{"role": "system", "content": system}, {"role": "user", "content": render_history(history_blocks)}]
 
-
-def parse_ground_truth_calls(turn: str) -> list[dict[str, Any]] | None:
-    """The calls of an assistant turn's first `<tool_call>` block ([] when it has none); None when the block is
-    malformed (unclosed, a line that is not a JSON object with "name" and "parameters")."""
-    start = turn.find("<tool_call>")
-    if start < 0:
-        return []
-    end = turn.find("</tool_call>", start)
-    if end < 0:
-        return None
-    calls = []
-    for line in turn[start + len("<tool_call>"):end].strip().split("\n"):
-        try:
-            call = json.loads(line)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(call, dict) or "name" not in call or not isinstance(call.get("parameters"), dict):
-            return None
-        calls.append(call)
-    return calls

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from toolrl_jax.datasets.example import ToolRLExample
-from toolrl_jax.datasets.format import parse_ground_truth_calls
+from toolrl_jax.rewards.parsing import GroundTruthError, parse_ground_truth
 
 EncodeMessages = Callable[[list[dict[str, str]]], list[int]]
 
@@ -29,8 +29,9 @@ def example_stats(examples: Sequence[ToolRLExample], encode: EncodeMessages | No
     calls_hist: Counter[int] = Counter()
     invalid = with_response = 0
     for e in examples:
-        calls = parse_ground_truth_calls(e.ground_truth)
-        if calls is None:
+        try:  # the reward's own parser: "invalid" means the reward would reject this ground truth
+            calls = parse_ground_truth(e.ground_truth).calls or []
+        except GroundTruthError:
             invalid += 1
         else:
             calls_hist[len(calls)] += 1
