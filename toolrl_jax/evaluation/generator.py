@@ -52,45 +52,38 @@ class SamplerGeneratorConfig:
     """Greedy decoding settings for evaluation."""
 
     max_new_tokens: int = 1024
-    max_prompt_tokens: int = 4096  # longer prompts are left-truncated (as in training)
-    family: str = "qwen2"  # chat-template family: decides the stop tokens
+    max_prompt_tokens: int = 4096  # longer prompts keep their last tokens (left truncation, as in training)
+    family: str | None = None  # chat family for the stop tokens (None: inferred from the tokenizer)
     seed: int = 0
 
 
 class SamplerGenerator:
-    """Greedy generation with the project's JAX sampler and the model's own chat template.
+    """Greedy generation with the project's JAX sampler and the model's own chat template."""
 
-    Needs ``toolrl_jax.sampling`` and ``toolrl_jax.tokenization`` (imported lazily so the rest of the
-    evaluation package works without them).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, config: SamplerGeneratorConfig):
-        import jax
-
+    def __init__(self, model: Any, tokenizer: Any, config: SamplerGeneratorConfig = SamplerGeneratorConfig()):
         from toolrl_jax import sampling, tokenization
 
         self._tokenizer = tokenizer
-        self._config = config
         self._tokenization = tokenization
+        self._config = config
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._sampler = sampling.Sampler(model, pad_id=pad_id)
+        stops = tokenization.stop_token_ids(tokenizer, config.family)
+        self._sampler = sampling.Sampler(model, pad_id=pad_id, stop_token_ids=stops, tokenizer=tokenizer)
         self._sampling_config = sampling.SamplingConfig(
-            temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens, num_samples=1,
-            stop_token_ids=tuple(tokenization.stop_token_ids(tokenizer, config.family)),
-        )
-        self._key = jax.random.PRNGKey(config.seed)
+            max_new_tokens=config.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, num_samples=1)
+        # Prompt + response must fit the model's positions.
+        limit = model.config.max_position_embeddings - config.max_new_tokens
+        if limit < 1:
+            raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt "
+                             f"(max_position_embeddings {model.config.max_position_embeddings})")
+        self._prompt_limit = min(config.max_prompt_tokens, limit)
+        self._calls = 0
 
     def generate(self, conversations: Sequence[list[Message]]) -> list[str]:
-        import jax
-        import numpy as np
-
         prompts = []
         for conversation in conversations:
-            ids = list(self._tokenization.encode_chat(self._tokenizer, conversation, add_generation_prompt=True))
-            prompts.append(ids[-self._config.max_prompt_tokens:])
-        self._key, key = jax.random.split(self._key)
-        output = self._sampler.generate(prompts, self._sampling_config, key)
-        response_ids = np.asarray(output.response_ids)
-        response_mask = np.asarray(output.response_mask).astype(bool)
-        return [self._tokenizer.decode(row[mask].tolist(), skip_special_tokens=True)
-                for row, mask in zip(response_ids, response_mask)]
+            ids = self._tokenization.encode_chat(self._tokenizer, conversation, add_generation_prompt=True)
+            prompts.append(ids[-self._prompt_limit:])
+        self._calls += 1
+        output = self._sampler.generate(prompts, self._sampling_config, self._config.seed + self._calls)
+        return list(output.texts)
