@@ -91,14 +91,23 @@ def read_parquet(path: str | Path) -> list[ToolRLExample]:
     return [example_from_rl_row(row, i, path) for i, row in enumerate(table.to_pylist())]
 
 
-def _read_json_records(path: Path) -> list[Any]:
+def read_json_records(path: str | Path) -> list[Any]:
+    """The records of a JSON list file or a JSONL file (one object per line)."""
+    path = Path(path)
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataFileError(f"{path}: line {n + 1}: invalid JSON: {err}") from None
+        return records
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFileError(f"{path}: invalid JSON: {err}") from err
+        raise DataFileError(f"{path}: invalid JSON: {err}") from None
     if not isinstance(data, list):
         raise DataFileError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -108,7 +117,7 @@ def read_json(path: str | Path, source: str = "rlla_sft") -> list[ToolRLExample]
     """Examples of an SFT JSON/JSONL file ({instruction, input, output}; RL-layout rows are accepted too)."""
     path = Path(path)
     examples = []
-    for i, record in enumerate(_read_json_records(path)):
+    for i, record in enumerate(read_json_records(path)):
         if not isinstance(record, Mapping):
             raise _row_error(path, i, f"expected an object, got {type(record).__name__}")
         if "prompt" in record:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.datasets.format import (FormatError, ToolSpec, format_assistant_turn, format_obs, format_user,
                                         prompt_messages, render_system_prompt)
+from toolrl_jax.datasets.io import read_json_records
 
 EmptyCallPolicy = Literal["skip", "response"]
 # Reference turn for a query no listed tool can serve, used when empty_calls="response".
@@ -317,96 +318,75 @@ def _between(text: str, begin: str, end: str, what: str) -> str:
     return text[start + len(begin):stop].strip()
 
 
-def _single_turn(conv: _Converter, row: int, tools: list[ToolSpec], query: str,
-                 calls: list[tuple[str, dict[str, Any]]], empty_calls: EmptyCallPolicy) -> None:
-    if not query.strip():
-        raise FormatError("empty query")
-    system = render_system_prompt(tools)
-    blocks = [format_user(query.strip())]
-    if not calls:
-        if empty_calls == "skip":
-            conv.skip(row, "no tool call in the reference (empty_calls='skip')")
-            return
-        conv.emit(system, blocks, format_assistant_turn(response=NO_TOOL_RESPONSE))
-        return
-    _check_known(calls, tools)
-    conv.emit(system, blocks, format_assistant_turn(calls=calls))
-
-
 def _check_policy(empty_calls: str) -> None:
     if empty_calls not in ("skip", "response"):
         raise ValueError(f"empty_calls must be 'skip' or 'response', got {empty_calls!r}")
+
+
+SingleTurn = tuple[list[ToolSpec], str, list[tuple[str, dict[str, Any]]]]
+
+
+def _convert_single_turn(records: Iterable[Any], path: str | Path, source: str, empty_calls: EmptyCallPolicy,
+                         report: ConversionReport | None, extract: Callable[[Any], SingleTurn]
+                         ) -> list[ToolRLExample]:
+    """One example per record from `extract(record) -> (tools, query, calls)` (which raises FormatError)."""
+    _check_policy(empty_calls)
+    report = report if report is not None else ConversionReport()
+    conv = _Converter(source, str(path), report)
+    for row, record in enumerate(records):
+        report._bump(report.rows_read, source)
+        try:
+            tools, query, calls = extract(record)
+            if not query.strip():
+                raise FormatError("empty query")
+            system = render_system_prompt(tools)
+            blocks = [format_user(query.strip())]
+            if not calls:
+                if empty_calls == "skip":
+                    conv.skip(row, "no tool call in the reference (empty_calls='skip')")
+                else:
+                    conv.emit(system, blocks, format_assistant_turn(response=NO_TOOL_RESPONSE))
+                continue
+            _check_known(calls, tools)
+            conv.emit(system, blocks, format_assistant_turn(calls=calls))
+        except FormatError as err:
+            conv.fail(row, str(err))
+    return conv.examples
+
+
+def _hammer_record(record: Any) -> SingleTurn:
+    if not isinstance(record, Mapping) or not isinstance(record.get("instruction"), str) \
+            or not isinstance(record.get("output"), str):
+        raise FormatError("expected an object with string 'instruction' and 'output'")
+    instruction = record["instruction"]
+    tools = _tools_from_list(_between(instruction, "[BEGIN OF AVAILABLE TOOLS]", "[END OF AVAILABLE TOOLS]",
+                                      "instruction"))
+    if "[BEGIN OF QUERY]" in instruction:
+        query = _between(instruction, "[BEGIN OF QUERY]", "[END OF QUERY]", "instruction")
+    else:
+        query = record.get("input") or ""
+    output = re.sub(r"^```(?:json)?\s*|\s*```$", "", record["output"].strip())
+    return tools, query, _parse_calls(output or "[]", "output")
+
+
+def _xlam_record(record: Any) -> SingleTurn:
+    if not isinstance(record, Mapping) or not isinstance(record.get("query"), str):
+        raise FormatError("expected an object with a string 'query'")
+    return _tools_from_list(record.get("tools")), record["query"], _parse_calls(record.get("answers", []), "answers")
 
 
 def convert_hammer(records: Iterable[Any], path: str | Path = "<memory>", source: str = "hammer",
                    empty_calls: EmptyCallPolicy = "skip",
                    report: ConversionReport | None = None) -> list[ToolRLExample]:
     """One example per Hammer record (tools and query from `instruction`, calls from `output`)."""
-    _check_policy(empty_calls)
-    report = report if report is not None else ConversionReport()
-    conv = _Converter(source, str(path), report)
-    for row, record in enumerate(records):
-        report._bump(report.rows_read, source)
-        try:
-            if not isinstance(record, Mapping) or not isinstance(record.get("instruction"), str) \
-                    or not isinstance(record.get("output"), str):
-                raise FormatError("expected an object with string 'instruction' and 'output'")
-            instruction = record["instruction"]
-            tools = _tools_from_list(_between(instruction, "[BEGIN OF AVAILABLE TOOLS]", "[END OF AVAILABLE TOOLS]",
-                                              "instruction"))
-            if "[BEGIN OF QUERY]" in instruction:
-                query = _between(instruction, "[BEGIN OF QUERY]", "[END OF QUERY]", "instruction")
-            else:
-                query = record.get("input") or ""
-            output = record["output"].strip()
-            output = re.sub(r"^```(?:json)?\s*|\s*```$", "", output)
-            calls = _parse_calls(output or "[]", "output")
-            _single_turn(conv, row, tools, query, calls, empty_calls)
-        except FormatError as err:
-            conv.fail(row, str(err))
-    return conv.examples
+    return _convert_single_turn(records, path, source, empty_calls, report, _hammer_record)
 
 
 def convert_xlam(records: Iterable[Any], path: str | Path = "<memory>", source: str = "xlam",
                  empty_calls: EmptyCallPolicy = "skip",
                  report: ConversionReport | None = None) -> list[ToolRLExample]:
     """One example per xLAM record {query, tools, answers}."""
-    _check_policy(empty_calls)
-    report = report if report is not None else ConversionReport()
-    conv = _Converter(source, str(path), report)
-    for row, record in enumerate(records):
-        report._bump(report.rows_read, source)
-        try:
-            if not isinstance(record, Mapping) or not isinstance(record.get("query"), str):
-                raise FormatError("expected an object with a string 'query'")
-            tools = _tools_from_list(record.get("tools"))
-            calls = _parse_calls(record.get("answers", []), "answers")
-            _single_turn(conv, row, tools, record["query"], calls, empty_calls)
-        except FormatError as err:
-            conv.fail(row, str(err))
-    return conv.examples
-
-
-def load_raw_records(path: str | Path) -> list[Any]:
-    """The records of a raw JSON list or JSONL file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {n + 1}: invalid JSON: {err}") from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+    return _convert_single_turn(records, path, source, empty_calls, report, _xlam_record)
 
 
 CONVERTERS = {"toolace": convert_toolace, "hammer": convert_hammer, "xlam": convert_xlam}
@@ -417,4 +397,4 @@ def convert_file(kind: str, path: str | Path, report: ConversionReport | None = 
     """Loads and converts one raw file of `kind` ("toolace" | "hammer" | "xlam")."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown raw source kind {kind!r}; expected one of {sorted(CONVERTERS)}")
-    return CONVERTERS[kind](load_raw_records(path), path=str(path), report=report, **options)
+    return CONVERTERS[kind](read_json_records(path), path=str(path), report=report, **options)
