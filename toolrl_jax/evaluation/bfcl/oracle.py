@@ -136,21 +136,25 @@ def oracle_output(category: str, functions: list[dict], answers: list[dict] | No
     return "<think> oracle </think>\n<tool_call>\n" + "\n".join(json.dumps(c) for c in calls) + "\n</tool_call>"
 
 
-def oracle_multi_turn_steps(answer_turns: list[list[str]]) -> list[str]:
-    """One ToolRL turn per ground-truth turn (the calls as JSON), for multi-turn sanity checks.
+def oracle_multi_turn_steps(answer_turns: list[list[str]], functions: list[dict]) -> list[str]:
+    """One ToolRL turn per ground-truth turn, its calls written as JSON (an empty turn gets a plain response).
 
-    Ground-truth calls with positional arguments cannot be written as JSON parameters; callers needing those
-    should check with the decoded call strings directly.
+    Positional arguments of ground-truth calls are named after the function doc's parameters, in order.
     """
     from toolrl_jax.evaluation.bfcl.multi_turn import parse_call
 
+    docs = {doc["name"]: doc for doc in functions}
     outputs = []
     for calls in answer_turns:
         lines = []
         for call in calls:
             name, args, kwargs = parse_call(call)
-            if args:
-                raise ValueError(f"positional arguments cannot be expressed as JSON parameters: {call!r}")
-            lines.append(json.dumps({"name": name, "parameters": kwargs}))
-        outputs.append("<think> oracle </think>\n<tool_call>\n" + "\n".join(lines) + "\n</tool_call>")
+            names = list(docs.get(name, {}).get("parameters", {}).get("properties", {}))
+            if len(args) > len(names):
+                raise ValueError(f"cannot name the positional arguments of {call!r}")
+            lines.append(json.dumps({"name": name, "parameters": {**dict(zip(names, args)), **kwargs}}))
+        if lines:
+            outputs.append("<think> oracle </think>\n<tool_call>\n" + "\n".join(lines) + "\n</tool_call>")
+        else:
+            outputs.append("<think> oracle </think>\n<response> I cannot do that with these tools. </response>")
     return outputs
