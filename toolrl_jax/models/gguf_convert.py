@@ -83,8 +83,7 @@ def _field(reader, key: str, default: Any = KeyError) -> Any:
     field = reader.fields.get(key)
     if field is None:
         if default is KeyError:
-            raise KeyError(f"GGUF file {reader.data.filename if hasattr(reader.data, 'filename') else ''} "
-                           f"has no metadata key {key!r}")
+            raise KeyError(f"GGUF file {getattr(reader.data, 'filename', '')!s} has no metadata key {key!r}")
         return default
     return field.contents()
 
