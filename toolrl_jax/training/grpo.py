@@ -1,0 +1,306 @@
+"""GRPO trainer: rollouts -> ToolRL rewards -> old/ref log-probs -> group advantages -> clipped policy updates.
+
+The loop is host Python; every array computation is a jitted pure function of explicit pytrees:
+  * `logprob_fn(params, rows)`: teacher-forced response log-probs and entropies (old policy and reference model),
+  * `update_fn(params, opt_state, minibatch)`: one optimizer update from a mini-batch stacked as
+    [num_micro, micro_rows, ...]; micro-batch gradients are summed with `lax.scan` against the mini-batch's global
+    token count, so accumulation gives exactly the token mean over the whole mini-batch.
+Parameters and optimizer state are donated; under a mesh they keep the partition-rule shardings across steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from toolrl_jax.models.decoder import CausalLM
+from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.rewards.batch import RewardBatch, score_batch
+from toolrl_jax.rewards.config import RewardConfig
+from toolrl_jax.rl.advantages import broadcast_to_tokens, grpo_advantages, kl_penalized_scores
+from toolrl_jax.rl.masked import masked_mean
+from toolrl_jax.rl.ppo import PolicyLossConfig, actor_loss, count_normalizers
+from toolrl_jax.sampling.config import SamplingConfig
+from toolrl_jax.sampling.sampler import SampleOutput, Sampler
+from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """One GRPO run. Defaults are the ToolRL recipe (spec/toolrl.md); the CPU default flagfile shrinks them."""
+
+    prompts_per_step: int = 512
+    group_size: int = 4
+    mini_batch_prompts: int = 128  # prompts per optimizer update (512 / 128 = 4 updates per step)
+    micro_batch_rows: int = 8  # rows per gradient-accumulation micro-batch
+    ppo_epochs: int = 1
+    max_prompt_length: int = 2048
+    max_response_length: int = 1024
+    total_steps: int = 105
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.001  # beta
+    kl_in_reward: bool = True  # the original: reward - beta * sum(logp_old - logp_ref) (k1)
+    recompute_old_logprobs: bool = True  # False: use the sampler's log-probs as the old policy
+    normalize_adv_by_std: bool = True
+    policy: PolicyLossConfig = PolicyLossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    reward: RewardConfig = RewardConfig()
+    val_every: int = 5
+    val_max_new_tokens: Optional[int] = None  # None = max_response_length
+    log_samples: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"GRPOConfig: {msg}")
+
+        need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
+        need(self.prompts_per_step % self.mini_batch_prompts == 0,
+             f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts "
+             f"({self.mini_batch_prompts})")
+        rows = self.mini_batch_prompts * self.group_size
+        need(rows % self.micro_batch_rows == 0,
+             f"mini-batch rows (mini_batch_prompts * group_size = {rows}) must be a multiple of micro_batch_rows "
+             f"({self.micro_batch_rows})")
+        need(self.ppo_epochs >= 1 and self.total_steps >= 1, "ppo_epochs and total_steps must be >= 1")
+        need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        need(self.max_prompt_length >= 1 and self.max_response_length >= 1, "max lengths must be >= 1")
+
+    @property
+    def needs_reference(self) -> bool:
+        return (self.kl_coef > 0 and self.kl_in_reward) or self.policy.kl_loss_coef > 0
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.ppo_epochs * self.prompts_per_step // self.mini_batch_prompts
+
+
+# ---------------------------------------------------------------------------- jitted pure functions
+def make_logprob_fn(graphdef: nnx.GraphDef) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """jit(params, rows) -> (logp [N,R], entropy [N,R]); one compile per row shape."""
+    return jax.jit(functools.partial(response_logprobs, graphdef))
+
+
+def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
+                   policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None):
+    """jit(params, opt_state, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
+
+    minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of `join_prompt_and_response` plus
+    old_logp, advantages (and ref_logp when the KL loss is on).
+    """
+
+    def update(params, opt_state, minibatch):
+        normalizers = count_normalizers(minibatch["response_mask"].reshape(-1, minibatch["response_mask"].shape[-1]))
+
+        def loss_fn(p, micro):
+            logp, entropy = response_logprobs(graphdef, p, micro)
+            return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
+                              policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro_step(grads, micro):
+            (_, metrics), g = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(micro_step, zeros, minibatch)
+        metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)  # each micro value is pre-normalised
+        new_params, new_opt_state, opt_metrics = apply_gradients(optimizer, optimizer_config, grads, opt_state,
+                                                                 params)
+        return new_params, new_opt_state, {**metrics, **opt_metrics}
+
+    out_shardings = None
+    if param_shardings is not None:
+        out_shardings = (param_shardings, opt_shardings, None)
+    return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+# ---------------------------------------------------------------------------- host-side helpers
+def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
+                     place: Callable[[dict], dict] = lambda b: b) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced log-probs of every row, micro_rows at a time (bounded activation memory)."""
+    n = rows["input_ids"].shape[0]
+    logps, ents = [], []
+    for start in range(0, n, micro_rows):
+        chunk = place({k: v[start:start + micro_rows] for k, v in rows.items()})
+        logp, ent = logprob_fn(params, chunk)
+        logps.append(np.asarray(jax.device_get(logp)))
+        ents.append(np.asarray(jax.device_get(ent)))
+    return np.concatenate(logps), np.concatenate(ents)
+
+
+def stack_minibatches(arrays: dict[str, np.ndarray], rows_per_minibatch: int, micro_rows: int
+                      ) -> list[dict[str, np.ndarray]]:
+    """Splits [N, ...] rows into mini-batches shaped [num_micro, micro_rows, ...] (in row order)."""
+    n = next(iter(arrays.values())).shape[0]
+    out = []
+    for start in range(0, n, rows_per_minibatch):
+        out.append({k: v[start:start + rows_per_minibatch].reshape(
+            (rows_per_minibatch // micro_rows, micro_rows) + v.shape[1:]) for k, v in arrays.items()})
+    return out
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one GRPO step produced (for logging and tests)."""
+
+    metrics: dict[str, float]
+    rewards: RewardBatch
+    samples: SampleOutput
+
+
+class GRPOTrainer:
+    """Holds the policy (params + optimizer state), the frozen reference, the sampler and the jitted steps."""
+
+    def __init__(self, model: CausalLM, config: GRPOConfig, *, tokenizer: Any, pad_id: int,
+                 stop_token_ids: Sequence[int], mesh: Any = None, param_shardings: Any = None,
+                 opt_shardings_fn: Optional[Callable[[Any], Any]] = None,
+                 place_batch: Optional[Callable[[dict], dict]] = None, reward_pool: Any = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.graphdef, params = nnx.split(model)
+        self.params = params
+        self.optimizer = make_optimizer(config.optimizer)
+        opt_init = jax.jit(self.optimizer.init, out_shardings=None if opt_shardings_fn is None else
+                           opt_shardings_fn(jax.eval_shape(self.optimizer.init, params)))
+        self.opt_state = opt_init(params)
+        # The reference policy is a frozen copy of the initial weights (kept only when a KL term needs it).
+        self.ref_params = jax.tree.map(jnp.copy, params) if config.needs_reference else None
+        self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer, mesh=mesh)
+        self.logprob_fn = make_logprob_fn(self.graphdef)
+        opt_shardings = None if opt_shardings_fn is None else opt_shardings_fn(self.opt_state)
+        self.update_fn = make_update_fn(self.graphdef, self.optimizer, config.optimizer, config.policy,
+                                        param_shardings, opt_shardings)
+        self.place = place_batch or (lambda b: b)
+        self.reward_pool = reward_pool
+        self.step = 0
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def train_state(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def load_train_state(self, state: dict[str, Any], step: int) -> None:
+        self.params, self.opt_state, self.step = state["params"], state["opt_state"], int(step)
+        self.sampler.update_params(self.params)
+
+    def model(self) -> CausalLM:
+        return nnx.merge(self.graphdef, self.params)
+
+    # ------------------------------------------------------------------ one step
+    def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
+        c = self.config
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens or c.max_response_length, temperature=0.0 if greedy else c.temperature,
+            top_p=1.0 if greedy else c.top_p, top_k=0 if greedy else c.top_k, num_samples=1 if greedy else
+            c.group_size, max_prompts_per_batch=max(1, min(64, c.prompts_per_step)))
+
+    def score(self, samples: SampleOutput, ground_truths: Sequence[str], step: int) -> RewardBatch:
+        n = samples.num_samples
+        responses = [t.strip() for t in samples.texts]
+        truths = [ground_truths[i // n] for i in range(len(responses))]
+        return score_batch(responses, truths, step, self.config.reward, pool=self.reward_pool)
+
+    def train_step(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str],
+                   key: jax.Array) -> StepResult:
+        """One GRPO step on `prompts_per_step` prompts; `self.step` becomes the 1-based step just trained."""
+        c = self.config
+        if len(prompt_ids) != c.prompts_per_step:
+            raise ValueError(f"train_step got {len(prompt_ids)} prompts, config says {c.prompts_per_step}")
+        step = self.step + 1
+        t0 = time.perf_counter()
+        samples = self.sampler.generate(prompt_ids, self.sampling_config(), key)
+        t_gen = time.perf_counter()
+        rewards = self.score(samples, ground_truths, step)
+        t_score = time.perf_counter()
+
+        rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids,
+                                        samples.response_mask)
+        mask = rows["response_mask"]
+        if c.recompute_old_logprobs:
+            old_logp, old_entropy = batched_logprobs(self.logprob_fn, self.params, rows, c.micro_batch_rows,
+                                                     self.place)
+        else:
+            old_logp, old_entropy = samples.logprobs.astype(np.float32), np.zeros_like(mask)
+        old_logp = old_logp * mask
+        ref_logp = None
+        if self.ref_params is not None:
+            ref_logp, _ = batched_logprobs(self.logprob_fn, self.ref_params, rows, c.micro_batch_rows, self.place)
+            ref_logp = ref_logp * mask
+        outcome = jnp.asarray(rewards.total, jnp.float32)
+        if c.kl_in_reward and ref_logp is not None:
+            scores = kl_penalized_scores(outcome, jnp.asarray(old_logp), jnp.asarray(ref_logp), jnp.asarray(mask),
+                                         c.kl_coef)
+        else:
+            scores = outcome
+        adv = grpo_advantages(scores, c.group_size, normalize_by_std=c.normalize_adv_by_std)
+        token_adv = np.asarray(broadcast_to_tokens(adv, jnp.asarray(mask)))
+        train_rows = dict(rows, old_logp=old_logp.astype(np.float32), advantages=token_adv.astype(np.float32))
+        if c.policy.kl_loss_coef > 0:
+            train_rows["ref_logp"] = ref_logp.astype(np.float32)
+        t_prep = time.perf_counter()
+
+        update_metrics = []
+        rows_per_mb = c.mini_batch_prompts * c.group_size
+        for _ in range(c.ppo_epochs):
+            for mb in stack_minibatches(train_rows, rows_per_mb, c.micro_batch_rows):
+                self.params, self.opt_state, m = self.update_fn(self.params, self.opt_state, self.place(mb))
+                update_metrics.append(m)
+        update_metrics = jax.device_get(update_metrics)
+        self.sampler.update_params(self.params)
+        t_train = time.perf_counter()
+        self.step = step
+
+        metrics = {f"actor/{k}": float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+        metrics.update(rewards.metrics("reward/"))
+        for name in ("total", "format", "correctness", "length"):
+            metrics[f"reward/{name}_std"] = float(np.std(getattr(rewards, name)))
+        n_tokens = float(mask.sum())
+        metrics.update({
+            "step": step,
+            "response/length_mean": float(samples.lengths.mean()),
+            "response/length_max": float(samples.lengths.max()),
+            "response/clip_ratio": float(1.0 - samples.stopped.mean()),
+            "prompt/length_mean": float(samples.prompt_mask.sum(1).mean()),
+            "score/mean": float(jnp.mean(scores)),
+            "advantage/abs_mean": float(jnp.mean(jnp.abs(adv))),
+            "entropy/rollout": float(masked_mean(jnp.asarray(old_entropy), jnp.asarray(mask))) if
+            c.recompute_old_logprobs else float("nan"),
+            "time/generate_s": t_gen - t0,
+            "time/score_s": t_score - t_gen,
+            "time/logprob_s": t_prep - t_score,
+            "time/train_s": t_train - t_prep,
+            "time/step_s": t_train - t0,
+            "throughput/new_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
+            "throughput/train_tokens_per_s": float(rows["segment_ids"].astype(bool).sum()) * c.ppo_epochs
+            / max(t_train - t_prep, 1e-9),
+        })
+        if ref_logp is not None:
+            metrics["kl/old_ref_k1"] = float((old_logp - ref_logp).sum() / max(n_tokens, 1.0))
+        if not np.isfinite(metrics["actor/actor_loss"]):
+            raise FloatingPointError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
+                                     f"(grad_norm {metrics.get('actor/grad_norm')}); last good checkpoint is intact")
+        return StepResult(metrics=metrics, rewards=rewards, samples=samples)
+
+    def validate(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], step: int
+                 ) -> tuple[dict[str, float], SampleOutput, RewardBatch]:
+        """Greedy decoding on a held-out split, scored with the training reward at `step`."""
+        max_new = self.config.val_max_new_tokens or self.config.max_response_length
+        samples = self.sampler.generate(prompt_ids, self.sampling_config(greedy=True, max_new_tokens=max_new),
+                                        jax.random.key(0))
+        rewards = self.score(samples, ground_truths, max(step, 0))
+        metrics = rewards.metrics("val/")
+        metrics["val/response_length"] = float(samples.lengths.mean())
+        return metrics, samples, rewards
