@@ -45,7 +45,8 @@ def init_params(key):
                  "v_proj": {"kernel": n((H, NKV * D)), "bias": n((NKV * D,))},
                  "o_proj": {"kernel": n((NH * D, H))}},
         "post_attn_norm": {"scale": 1.0 + n((H,))},
-        "mlp": {"gate_proj": {"kernel": n((H, F))}, "up_proj": {"kernel": n((H, F))}, "down_proj": {"kernel": n((F, H))}},
+        "mlp": {"gate_proj": {"kernel": n((H, F))}, "up_proj": {"kernel": n((H, F))},
+                "down_proj": {"kernel": n((F, H))}},
     }
     return {"embed": {"embedding": n((V, H))}, "layers": {"0": layer}, "final_norm": {"scale": 1.0 + n((H,))},
             "odd": {"kernel": n((H, 3))}, "lm_head": {"kernel": n((H, V))}}
@@ -141,6 +142,23 @@ def main():
         "odd": str(p["odd"]["kernel"].sharding.spec),
         "adam_count": str(s[1].inner_state[0].count.sharding.spec),
     }
+    # checkpoint the sharded train state and restore it onto the same shardings (exact, still sharded)
+    import tempfile
+
+    from toolrl_jax.checkpointing import Checkpointer
+    from toolrl_jax.sharding import abstract_with_shardings
+
+    train_state = {"params": p, "opt_state": s}
+    shardings = {"params": p_sh, "opt_state": o_sh}
+    with tempfile.TemporaryDirectory() as tmp, Checkpointer(tmp) as ckpt:
+        ckpt.save(3, train_state, force=True)
+        ckpt.wait_until_finished()
+        abstract = abstract_with_shardings(jax.eval_shape(lambda: train_state), shardings)
+        restored = ckpt.restore(abstract).state
+    out["restore_exact"] = all(bool(jnp.array_equal(a, b)) for a, b in
+                               zip(jax.tree.leaves(restored), jax.tree.leaves(train_state)))
+    out["restore_shardings_match"] = all(a.sharding == b for a, b in
+                                         zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
     g = host_local_batch_to_global({"x": np.arange(24).reshape(8, 3)}, mesh)["x"]
     out["global_batch_equal"] = bool(np.array_equal(np.asarray(g), np.arange(24).reshape(8, 3)))
     out["global_batch_shard_shape"] = list(g.addressable_shards[0].data.shape)

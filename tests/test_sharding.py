@@ -111,4 +111,5 @@ def test_sharded_training_matches_single_device():
     assert specs["norm"] == specs["adam_count"] == "P()"
     assert specs["odd"] == "P('fsdp',)"  # indivisible tensor dim fell back to replication, no crash
     assert "not divisible" in proc.stderr
+    assert out["restore_exact"] and out["restore_shardings_match"]  # checkpoint restore onto the mesh
     assert out["global_batch_equal"] and out["global_batch_shard_shape"] == [2, 3]

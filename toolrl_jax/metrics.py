@@ -81,6 +81,7 @@ class MetricsWriter:
     resume_step: None for a new run (the run dir must not already hold metrics); otherwise the step training
     resumes after (0 = start over in an existing dir). Every write is flushed immediately.
     Non-finite floats are written as JSON NaN/Infinity (readable by Python and pandas).
+    On multiple hosts, create it on process 0 only.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, resume_step: Optional[int] = None, tensorboard: bool = True):
