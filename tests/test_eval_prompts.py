@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from toolrl_jax.datasets import format as data_format
 from toolrl_jax.evaluation import prompts
 from toolrl_jax.evaluation.bfcl import data
 from toolrl_jax.evaluation.parsing import calls_to_python_list, final_answer, parse_tool_calls, parse_turn
@@ -26,6 +27,8 @@ def test_system_prompt_reproduces_the_sft_instructions_byte_for_byte(shared_dir)
                      for _, name, description, params in _TOOL_RE.findall(block)]
         assert functions
         assert prompts.system_prompt(template, functions) == instruction
+    # The training data builder writes the same prompt from its own constants.
+    assert template == data_format.SYSTEM_HEADER + prompts.TOOLS_PLACEHOLDER + data_format.SYSTEM_FOOTER
 
 
 def test_render_history_flattens_dialogue_like_toolrl():

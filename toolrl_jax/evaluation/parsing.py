@@ -3,7 +3,8 @@
 A ToolRL turn looks like ``<think>..</think>\n<tool_call>\n{"name": .., "parameters": {..}}\n..</tool_call>``.
 The evaluation protocol the paper used reads the *last* ``<tool_call>`` block, one JSON object per line,
 silently drops lines that are not valid calls, and drops calls to a tool named "None" (the prompt tells
-the model to call "None" when nothing fits).
+the model to call "None" when nothing fits). This is deliberately more lenient than the training reward's
+parser (``toolrl_jax.rewards.parsing``: first block, any bad line voids the turn): each follows its own protocol.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from toolrl_jax.datasets.format import HISTORY_HEADER
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TOOLS_PLACEHOLDER = "{tools}"
-HISTORY_HEADER = "**Dialogue Records History**"
 
 Message = dict[str, Any]
 

@@ -74,8 +74,14 @@ def _generate_multi_turn(generator: Generator, items: list[data.BfclItem], store
     while pending or active:
         while pending and len(active) < batch_size:
             item = pending.pop(0)
+            conversation = multi_turn.Conversation.start(item, missed)
+            if conversation.finished:  # an entry without turns
+                store.add([{"id": item.id, "raw_turns": [], "force_quit": False}])
+                continue
             system = P.system_prompt(prompt_set.system, data.prompt_functions(item.functions, item.category, hints))
-            active.append((multi_turn.Conversation.start(item, missed), system))
+            active.append((conversation, system))
+        if not active:
+            break
         conversations = [P.chat(system, P.render_history(conv.messages, prompt_set.bfcl_multi_turn))
                          for conv, system in active]
         texts = generate_batched(generator, conversations, batch_size)
