@@ -1,0 +1,188 @@
+"""The jitted rollout kernel: prefill left-padded prompts once, copy each prompt's KV cache rows to its samples,
+then decode inside `jax.lax.while_loop` until every row has stopped or the token budget is spent.
+
+Everything here is a pure function of (graphdef, params state, arrays) with static shapes; the Sampler wraps it in
+`jax.jit`. The KV cache is allocated inside the jitted function and threaded through the loop carry, so XLA updates
+it in place (no host round trip and no copies per step); parameters are read-only and reused across calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from toolrl_jax.models.decoder import CausalLM, KVCache, init_cache, positions_from_segments
+from toolrl_jax.sampling.processors import select_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Static (compile-time) description of one generate call; every distinct value compiles once."""
+
+    max_new_tokens: int
+    num_samples: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    stop_token_ids: tuple[int, ...]
+    ignore_stop: bool
+    pad_id: int
+    cache_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSharding:
+    """Where batch-major arrays live: batch over `batch_axes` of `mesh`, KV heads over `head_axis` if set."""
+
+    mesh: Mesh
+    batch_axes: tuple[str, ...]
+    head_axis: Optional[str] = None
+
+    def batch(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(self.batch_axes or None, *([None] * (ndim - 1))))
+
+    def kv(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(self.batch_axes or None, None, self.head_axis, None))
+
+    @property
+    def data_parallel_size(self) -> int:
+        size = 1
+        for axis in self.batch_axes:
+            size *= self.mesh.shape[axis]
+        return size
+
+
+def _constrain_cache(cache: KVCache, sharding: Optional[BatchSharding]) -> KVCache:
+    if sharding is None:
+        return cache
+    kv = sharding.kv()
+    return KVCache(keys=tuple(jax.lax.with_sharding_constraint(k, kv) for k in cache.keys),
+                   values=tuple(jax.lax.with_sharding_constraint(v, kv) for v in cache.values),
+                   segment_ids=jax.lax.with_sharding_constraint(cache.segment_ids, sharding.batch(2)),
+                   index=cache.index)
+
+
+def _constrain(x: jax.Array, sharding: Optional[BatchSharding]) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding.batch(x.ndim))
+
+
+def expand_cache(cache: KVCache, num_samples: int, extra_slots: int) -> KVCache:
+    """Repeats every row `num_samples` times (row b -> rows b*n .. b*n+n-1) and appends `extra_slots` empty slots."""
+
+    def grow(x: jax.Array) -> jax.Array:
+        x = jnp.repeat(x, num_samples, axis=0) if num_samples > 1 else x
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, extra_slots)
+        return jnp.pad(x, pad)
+
+    return KVCache(keys=tuple(grow(k) for k in cache.keys), values=tuple(grow(v) for v in cache.values),
+                   segment_ids=grow(cache.segment_ids), index=cache.index)
+
+
+def row_keys(key: jax.Array, prompt_index: jax.Array, num_samples: int) -> jax.Array:
+    """One key per output row, derived from (call key, global prompt index, sample number).
+
+    Rows therefore draw independent streams, and a row's samples do not depend on how prompts were chunked,
+    padded or bucketed.
+    """
+    sample = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), prompt_index.shape[0])
+    prompt = jnp.repeat(prompt_index.astype(jnp.int32), num_samples)
+    per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, prompt)
+    return jax.vmap(jax.random.fold_in)(per_prompt, sample)
+
+
+def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_segments: jax.Array,
+                    prompt_index: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                    spec: DecodeSpec, sharding: Optional[BatchSharding] = None,
+                    on_trace: Optional[Callable[[tuple], None]] = None) -> dict[str, jax.Array]:
+    """Samples `spec.num_samples` responses for each of B left-padded prompts.
+
+    prompt_ids/prompt_segments: [B, P] int32 (segment 0 = padding, on the left); prompt_index: [B] global prompt
+    numbers (seed the per-row keys); key: a PRNG key. Returns arrays with B*n rows, prompt-major:
+    tokens [B*n, R] (pad_id after the stop), logprobs/tempered_logprobs [B*n, R] float32 (0 after the stop),
+    lengths [B*n] (generated tokens including the stop token) and stopped [B*n] bool.
+    """
+    if on_trace is not None:
+        on_trace((prompt_ids.shape, spec))
+    model: CausalLM = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_ids.shape
+    n, budget = spec.num_samples, spec.max_new_tokens
+    rows = batch * n
+
+    # Prefill: one pass over the prompts; only the last position's logits are formed (left padding puts every
+    # prompt's last token in the last column), never the [B, P, V] logits tensor.
+    prompt_segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
+    prompt_ids = _constrain(prompt_ids.astype(jnp.int32), sharding)
+    cache = _constrain_cache(init_cache(model.config, batch, prompt_len, spec.cache_dtype), sharding)
+    hidden, cache = model.hidden_states(prompt_ids, positions_from_segments(prompt_segments), prompt_segments,
+                                        cache=cache)
+    last_logits = model.logits_from_hidden(hidden[:, -1])  # [B, V] float32
+    prompt_lengths = jnp.sum(prompt_segments != 0, axis=1).astype(jnp.int32)
+
+    # Share the prompt across its samples: copy KV rows instead of recomputing them.
+    cache = _constrain_cache(expand_cache(cache, n, budget), sharding)
+    if n > 1:
+        last_logits = jnp.repeat(last_logits, n, axis=0)
+        prompt_lengths = jnp.repeat(prompt_lengths, n)
+    keys = row_keys(key, prompt_index, n)
+    stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
+
+    def choose(logits: jax.Array, step: jax.Array):
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        return select_tokens(logits, step_keys, temperature, top_p, greedy=spec.greedy, top_k=spec.top_k,
+                             use_top_p=spec.use_top_p)
+
+    def record(carry: dict, choice, step: jax.Array) -> dict:
+        active = ~carry["done"]
+        token = jnp.where(active, choice.tokens, spec.pad_id)
+        out = dict(carry)
+
+        def write(buffer, column):
+            return jax.lax.dynamic_update_slice(buffer, column[:, None].astype(buffer.dtype), (0, step))
+
+        out["tokens"] = write(carry["tokens"], token)
+        out["logprobs"] = write(carry["logprobs"], jnp.where(active, choice.logprobs, 0.0))
+        out["tempered_logprobs"] = write(carry["tempered_logprobs"],
+                                         jnp.where(active, choice.tempered_logprobs, 0.0))
+        out["lengths"] = carry["lengths"] + active.astype(jnp.int32)
+        if not spec.ignore_stop and spec.stop_token_ids:
+            out["stopped"] = carry["stopped"] | (active & jnp.isin(token, stop_ids))
+            out["done"] = carry["done"] | out["stopped"]
+        out["last"] = token
+        return out
+
+    zeros_f = _constrain(jnp.zeros((rows, budget), jnp.float32), sharding)
+    carry = dict(
+        step=jnp.ones((), jnp.int32),
+        cache=cache,
+        last=jnp.zeros((rows,), jnp.int32),
+        tokens=_constrain(jnp.full((rows, budget), spec.pad_id, jnp.int32), sharding),
+        logprobs=zeros_f,
+        tempered_logprobs=zeros_f,
+        lengths=jnp.zeros((rows,), jnp.int32),
+        stopped=jnp.zeros((rows,), bool),
+        done=jnp.zeros((rows,), bool),
+    )
+    carry = record(carry, choose(last_logits, jnp.zeros((), jnp.int32)), jnp.zeros((), jnp.int32))
+    ones = jnp.ones((rows, 1), jnp.int32)
+
+    def cond(c: dict) -> jax.Array:
+        return (c["step"] < budget) & ~jnp.all(c["done"])
+
+    def body(c: dict) -> dict:
+        step = c["step"]
+        # The previous token sits at position prompt_len + step - 1 and is written to cache slot P + step - 1.
+        positions = (prompt_lengths + step - 1)[:, None]
+        hidden, cache = model.hidden_states(c["last"][:, None], positions, ones, cache=c["cache"])
+        logits = _constrain(model.logits_from_hidden(hidden[:, 0]), sharding)
+        out = record(c, choose(logits, step), step)
+        out["cache"] = _constrain_cache(cache, sharding)
+        out["step"] = step + 1
+        return out
+
+    carry = jax.lax.while_loop(cond, body, carry)
+    return {name: carry[name] for name in ("tokens", "logprobs", "tempered_logprobs", "lengths", "stopped")}

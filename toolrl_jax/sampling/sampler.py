@@ -1,0 +1,246 @@
+"""`Sampler`: host-side batching around the jitted rollout kernel, returning numpy `SampleOutput`s.
+
+Prompts are split into chunks of `config.prompts_per_batch`, each chunk left-padded to a prompt-length bucket and
+padded with dummy prompts to a batch bucket, so a run compiles once per (length bucket, batch bucket) and the last
+partial chunk reuses a compiled shape. All chunks are dispatched before any result is fetched, so host work for one
+overlaps device work for the previous one.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from toolrl_jax.models.decoder import CausalLM
+from toolrl_jax.sampling.config import SamplingConfig, batch_bucket, prompt_length_bucket
+from toolrl_jax.sampling.engine import BatchSharding, DecodeSpec, generate_tokens
+
+DEFAULT_BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Sampled responses, numpy, N = num_prompts * num_samples rows, prompt-major (prompt i -> rows i*n..i*n+n-1).
+
+    prompt_ids [N, P] int32 left-padded with pad_id; prompt_mask [N, P] int32 (1 = real token);
+    response_ids [N, R] int32 (pad_id after the stop token); response_mask [N, R] int32 (1 for generated tokens
+    including the stop token); logprobs [N, R] float32 log-probs of the sampled tokens under the untempered policy
+    (log_softmax of the raw logits; 0 where masked); tempered_logprobs: the same under the distribution sampled from
+    (after temperature/top-k/top-p), when requested; lengths [N] generated tokens including the stop token;
+    stopped [N] whether the response ended with a stop token (False = cut at max_new_tokens);
+    texts: decoded responses without the stop token (when the Sampler has a tokenizer).
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+    num_samples: int
+    tempered_logprobs: Optional[np.ndarray] = None
+    texts: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        """[N] index of the prompt each row answers."""
+        return np.arange(len(self)) // self.num_samples
+
+    @property
+    def sequence_ids(self) -> np.ndarray:
+        """[N, P+R] prompt and response side by side (for teacher-forced log-prob computation)."""
+        return np.concatenate([self.prompt_ids, self.response_ids], axis=1)
+
+    @property
+    def sequence_mask(self) -> np.ndarray:
+        """[N, P+R] 1 for every real prompt or response token."""
+        return np.concatenate([self.prompt_mask, self.response_mask], axis=1)
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+class Sampler:
+    """Generates responses with a preallocated KV cache, one compile per shape bucket.
+
+    model: a CausalLM (its parameters may already be sharded; their shardings are kept).
+    pad_id: token written after a response ends and used for left padding.
+    stop_token_ids: default ids that end a response (e.g. <|im_end|>, <|eot_id|>, EOS); a SamplingConfig may
+      override them.
+    mesh / batch_axes: shard the batch of prompts, KV cache and decode state over these mesh axes (default: those
+      of "data", "fsdp" that the mesh has); KV heads go over "tensor" when it divides them.
+    cast_params: keep a copy of floating parameters in the compute dtype (bit-identical results, since the model
+      casts weights to it anyway, and half the bytes read per decode step for fp32 master weights).
+    """
+
+    def __init__(self, model: CausalLM, pad_id: int, stop_token_ids: Sequence[int] = (), tokenizer: Any = None,
+                 mesh: Optional[Mesh] = None, batch_axes: Optional[Sequence[str]] = None, cast_params: bool = True,
+                 cache_dtype: Optional[str] = None):
+        self.config = model.config
+        vocab = self.config.vocab_size
+        if not 0 <= int(pad_id) < vocab:
+            raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab})")
+        bad = [s for s in stop_token_ids if not 0 <= int(s) < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
+        self.pad_id = int(pad_id)
+        self.stop_token_ids = tuple(int(s) for s in stop_token_ids)
+        self.tokenizer = tokenizer
+        self.cast_params = cast_params
+        self.cache_dtype = str(jnp.dtype(cache_dtype or self.config.dtype))
+        self.sharding = self._batch_sharding(mesh, batch_axes)
+        self._graphdef, state = nnx.split(model)
+        self._structure = jax.tree.structure(state)
+        self._state = self._prepare(state)
+        self.traces: collections.Counter = collections.Counter()
+        self._generate = jax.jit(
+            functools.partial(generate_tokens, self._graphdef, sharding=self.sharding, on_trace=self._count),
+            static_argnames=("spec",))
+
+    # ------------------------------------------------------------------ setup
+    def _batch_sharding(self, mesh: Optional[Mesh], batch_axes: Optional[Sequence[str]]) -> Optional[BatchSharding]:
+        if mesh is None:
+            return None
+        if batch_axes is None:
+            batch_axes = tuple(a for a in DEFAULT_BATCH_AXES if a in mesh.axis_names)
+        missing = [a for a in batch_axes if a not in mesh.axis_names]
+        if missing:
+            raise ValueError(f"batch_axes {missing} are not axes of the mesh {mesh.axis_names}")
+        head_axis = None
+        if "tensor" in mesh.axis_names and "tensor" not in batch_axes and mesh.shape["tensor"] > 1 \
+                and self.config.num_kv_heads % mesh.shape["tensor"] == 0:
+            head_axis = "tensor"
+        return BatchSharding(mesh=mesh, batch_axes=tuple(batch_axes), head_axis=head_axis)
+
+    def _count(self, signature: tuple) -> None:
+        self.traces[signature] += 1
+
+    @property
+    def compile_count(self) -> int:
+        """How many times the generate kernel has been traced (= compiled) by this sampler."""
+        return sum(self.traces.values())
+
+    def _prepare(self, state: nnx.State) -> nnx.State:
+        if not self.cast_params:
+            return state
+        dtype = jnp.dtype(self.config.dtype)
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+    def update_params(self, params: nnx.State | nnx.Module) -> None:
+        """Swaps in new weights (e.g. after a GRPO step). Same shapes, dtypes and shardings -> no recompilation.
+
+        Call it after every optimizer step: a trainer that donates its parameter buffers invalidates the old ones.
+        """
+        state = nnx.split(params)[1] if isinstance(params, nnx.Module) else params
+        if jax.tree.structure(state) != self._structure:
+            raise ValueError("update_params: the new state's structure differs from the model the Sampler was built "
+                             "with (pass the full nnx state of the same architecture)")
+        self._state = self._prepare(state)
+
+    # ------------------------------------------------------------------ generation
+    def _validate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig) -> list[np.ndarray]:
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        if len(prompt_ids) == 0:
+            raise ValueError("generate needs at least one prompt")
+        vocab = self.config.vocab_size
+        if config.top_k >= vocab:
+            raise ValueError(f"SamplingConfig.top_k ({config.top_k}) must be < vocab_size ({vocab}); use 0 for off")
+        if config.stop_token_ids is not None:
+            bad = [s for s in config.stop_token_ids if s >= vocab]
+            if bad:
+                raise ValueError(f"SamplingConfig.stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
+        prompts = []
+        for i, row in enumerate(prompt_ids):
+            arr = np.asarray(row)
+            if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got shape {arr.shape} "
+                                 f"dtype {arr.dtype}")
+            if arr.min() < 0 or arr.max() >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): min {arr.min()}, max {arr.max()}")
+            if arr.size + config.max_new_tokens > self.config.max_position_embeddings:
+                raise ValueError(f"prompt {i} ({arr.size} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds "
+                                 f"max_position_embeddings ({self.config.max_position_embeddings})")
+            prompts.append(arr.astype(np.int32))
+        return prompts
+
+    def _place(self, array: np.ndarray) -> jax.Array:
+        if self.sharding is None:
+            return jnp.asarray(array)
+        sharding = self.sharding.batch(array.ndim)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
+                 key: jax.Array | int) -> SampleOutput:
+        """Samples config.num_samples responses for every prompt (token id lists, unpadded)."""
+        prompts = self._validate(prompt_ids, config)
+        key = jax.random.key(key) if isinstance(key, int) else key
+        stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        spec = DecodeSpec(max_new_tokens=config.max_new_tokens, num_samples=config.num_samples, greedy=config.greedy,
+                          top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
+                          ignore_stop=config.ignore_stop, pad_id=self.pad_id, cache_dtype=self.cache_dtype)
+        multiple = self.sharding.data_parallel_size if self.sharding else 1
+        temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
+        chunk = config.prompts_per_batch
+        pending = []
+        for start in range(0, len(prompts), chunk):
+            group = prompts[start:start + chunk]
+            width = prompt_length_bucket(max(p.size for p in group), config)
+            batch = batch_bucket(len(group), config, multiple)
+            ids = np.full((batch, width), self.pad_id, np.int32)
+            seg = np.zeros((batch, width), np.int32)
+            for row, p in enumerate(group):
+                ids[row, width - p.size:] = p
+                seg[row, width - p.size:] = 1
+            index = np.arange(start, start + batch, dtype=np.int32)
+            out = self._generate(self._state, self._place(ids), self._place(seg), self._place(index), key,
+                                 temperature, top_p, spec=spec)
+            pending.append((group, width, out))
+        return self._collect(pending, config, stop_ids)
+
+    def _collect(self, pending: list, config: SamplingConfig, stop_ids: tuple[int, ...]) -> SampleOutput:
+        n = config.num_samples
+        width = max(w for _, w, _ in pending)
+        parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+        prompt_rows = []
+        for group, _, out in pending:
+            real = len(group) * n
+            for name, value in out.items():
+                parts[name].append(_to_numpy(value)[:real])
+            prompt_rows.extend(group)
+        prompt_ids = np.full((len(prompt_rows), width), self.pad_id, np.int32)
+        prompt_mask = np.zeros((len(prompt_rows), width), np.int32)
+        for i, p in enumerate(prompt_rows):
+            prompt_ids[i, width - p.size:] = p
+            prompt_mask[i, width - p.size:] = 1
+        got = {name: np.concatenate(values) for name, values in parts.items()}
+        lengths = got["lengths"].astype(np.int32)
+        budget = config.max_new_tokens
+        response_mask = (np.arange(budget)[None, :] < lengths[:, None]).astype(np.int32)
+        texts = None
+        if self.tokenizer is not None:
+            texts = []
+            for row, length, stopped in zip(got["tokens"], lengths, got["stopped"]):
+                keep = row[:length - 1] if stopped else row[:length]
+                texts.append(self.tokenizer.decode(keep.tolist(), skip_special_tokens=False))
+        return SampleOutput(
+            prompt_ids=np.repeat(prompt_ids, n, axis=0), prompt_mask=np.repeat(prompt_mask, n, axis=0),
+            response_ids=got["tokens"].astype(np.int32), response_mask=response_mask,
+            logprobs=got["logprobs"].astype(np.float32), lengths=lengths, stopped=got["stopped"].astype(bool),
+            num_samples=n, tempered_logprobs=got["tempered_logprobs"] if config.tempered_logprobs else None,
+            texts=texts)
