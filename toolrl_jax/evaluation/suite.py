@@ -5,6 +5,10 @@ Layout of ``out_dir`` after a run:
   items/<bench>.jsonl         scored per-item records
   bfcl_results/BFCL_v3_<category>_result.json   BFCL's own result format ({"id", "result"} lines)
   summary.json, summary.md    scores in the paper's column layout
+
+The BFCL result files hold each step's calls in Python syntax (``[f(a=1)]``; ``[]`` for no call), which BFCL's
+prompting handlers decode, so a v3-era ``bfcl evaluate`` can re-score them from ``result/<prompting model>/``
+(bfcl-eval 2026.x uses the renamed v4 categories and cannot read v3 files).
 """
 from __future__ import annotations
 
