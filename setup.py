@@ -17,5 +17,6 @@ setup(
     packages=find_packages(include=["toolrl_jax", "toolrl_jax.*", "experiments", "experiments.*", "data", "data.*"]),
     install_requires=_read_requirements("requirements.txt"),
     extras_require={"test": _read_requirements("requirements-test.txt")},
+    package_data={"toolrl_jax.evaluation": ["templates/*"]},
     include_package_data=True,
 )

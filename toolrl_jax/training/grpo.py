@@ -269,7 +269,6 @@ class GRPOTrainer:
             metrics[f"reward/{name}_std"] = float(np.std(getattr(rewards, name)))
         n_tokens = float(mask.sum())
         metrics.update({
-            "step": step,
             "response/length_mean": float(samples.lengths.mean()),
             "response/length_max": float(samples.lengths.max()),
             "response/clip_ratio": float(1.0 - samples.stopped.mean()),

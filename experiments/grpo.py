@@ -1,0 +1,196 @@
+r"""GRPO training of a tool-using LLM with the ToolRL reward.
+
+  python -m experiments.grpo --flagfile=experiments/configs/default.flags            # CPU default, SmolLM2
+  python -m experiments.grpo --flagfile=experiments/configs/grpo_qwen2.5_1.5b.flags \
+      --model=/path/to/Qwen2.5-1.5B-Instruct --data=/path/to/rlla_4k/train.parquet
+
+`--resume` continues the newest complete checkpoint under --run_dir exactly (params, optimizer, step, data
+position, PRNG). Metrics go to <run_dir>/metrics.jsonl and TensorBoard event files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from experiments import reward_flags
+from experiments.common import (define_common_flags, load_model_and_tokenizer, load_split, make_mesh_and_placement,
+                                optimizer_config_from_flags, validate_common_flags)
+from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
+from toolrl_jax.datasets.batching import BatchingConfig, PromptDataset, chat_encoder
+from toolrl_jax.metrics import MetricsWriter, ProgressBar
+from toolrl_jax.models.hf_io import copy_tokenizer_files, save_hf_model
+from toolrl_jax.rl.ppo import PolicyLossConfig
+from toolrl_jax.tokenization import stop_token_ids
+from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("toolrl_jax.grpo")
+define_common_flags()
+
+
+flags.DEFINE_integer("prompts_per_step", 512, "Prompts sampled per GRPO step.")
+flags.DEFINE_integer("group_size", 4, "Responses per prompt (the GRPO group).")
+flags.DEFINE_integer("mini_batch_prompts", 128, "Prompts per optimizer update.")
+flags.DEFINE_integer("micro_batch_rows", 8, "Rows per gradient-accumulation micro-batch.")
+flags.DEFINE_integer("ppo_epochs", 1, "Passes over each step's rollouts.")
+flags.DEFINE_integer("max_response_length", 1024, "Maximum new tokens per response.")
+flags.DEFINE_integer("total_steps", 105, "GRPO steps to train (the paper: 15 epochs x 7 steps).")
+flags.DEFINE_float("temperature", 1.0, "Rollout sampling temperature.")
+flags.DEFINE_float("top_p", 1.0, "Rollout nucleus mass.")
+flags.DEFINE_integer("top_k", 0, "Rollout top-k (0 = off).")
+flags.DEFINE_float("kl_coef", 0.001, "KL coefficient beta (0 disables the reference model).")
+flags.DEFINE_bool("kl_in_reward", True, "Fold beta * sum(logp_old - logp_ref) into the reward (the original).")
+flags.DEFINE_float("kl_loss_coef", 0.0, "Coefficient of a KL-to-reference loss term (0 = off).")
+flags.DEFINE_enum("kl_loss_type", "k3", ["k1", "k2", "k3"], "KL estimator of the loss term.")
+flags.DEFINE_float("clip_ratio", 0.2, "PPO clip epsilon.")
+flags.DEFINE_float("clip_ratio_high", None, "Separate upper clip epsilon (None = clip_ratio).")
+flags.DEFINE_float("entropy_coef", 0.001, "Entropy bonus coefficient.")
+flags.DEFINE_enum("loss_agg", "token-mean", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
+                  "How token losses are aggregated over the mini-batch.")
+flags.DEFINE_bool("recompute_old_logprobs", True, "Recompute old-policy log-probs with the training forward.")
+flags.DEFINE_bool("normalize_adv_by_std", True, "Divide group-centred rewards by the group std (GRPO).")
+flags.DEFINE_integer("val_every", 5, "Greedy validation every N steps (0 = never); also at step 0 and the end.")
+flags.DEFINE_integer("val_max_new_tokens", None, "Validation response budget (default max_response_length).")
+flags.DEFINE_integer("log_samples", 2, "Sample responses written to samples.jsonl per step.")
+flags.DEFINE_integer("reward_workers", 0, "Worker processes for reward scoring (0 = in-process).")
+
+
+def grpo_config_from_flags() -> GRPOConfig:
+    policy = PolicyLossConfig(clip_eps=FLAGS.clip_ratio, clip_eps_high=FLAGS.clip_ratio_high,
+                              entropy_coef=FLAGS.entropy_coef, kl_loss_coef=FLAGS.kl_loss_coef,
+                              kl_loss_type=FLAGS.kl_loss_type, agg_mode=FLAGS.loss_agg)
+    return GRPOConfig(
+        prompts_per_step=FLAGS.prompts_per_step, group_size=FLAGS.group_size,
+        mini_batch_prompts=FLAGS.mini_batch_prompts, micro_batch_rows=FLAGS.micro_batch_rows,
+        ppo_epochs=FLAGS.ppo_epochs, max_prompt_length=FLAGS.max_prompt_length,
+        max_response_length=FLAGS.max_response_length, total_steps=FLAGS.total_steps,
+        temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, kl_coef=FLAGS.kl_coef,
+        kl_in_reward=FLAGS.kl_in_reward, recompute_old_logprobs=FLAGS.recompute_old_logprobs,
+        normalize_adv_by_std=FLAGS.normalize_adv_by_std, policy=policy,
+        optimizer=optimizer_config_from_flags(FLAGS.total_steps), reward=reward_flags.reward_config_from_flags(),
+        val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, log_samples=FLAGS.log_samples,
+        seed=FLAGS.seed)
+
+
+def _validate_flags() -> GRPOConfig:
+    validate_common_flags()
+    try:
+        return grpo_config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(f"invalid flags: {e}") from None
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
+    logging.getLogger("toolrl_jax").setLevel(logging.INFO)
+    config = _validate_flags()
+    run_dir = Path(FLAGS.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if run_dir.exists() and any(ckpt_dir.glob("*")) and not FLAGS.resume:
+        raise app.UsageError(f"--run_dir={run_dir} already holds checkpoints: pass --resume to continue it or "
+                             "choose a new --run_dir (runs are never overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh, place_batch, param_shardings_fn = make_mesh_and_placement()
+    model_config, model, tokenizer, model_folder = load_model_and_tokenizer(param_shardings_fn)
+    train_examples, val_examples = load_split()
+    encode = chat_encoder(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
+    dataset = PromptDataset(train_examples, encode, BatchingConfig(
+        batch_size=config.prompts_per_step, max_prompt_length=config.max_prompt_length, seed=config.seed,
+        pad_id=pad_id))
+    val_prompts = [list(encode(e.prompt_messages))[-config.max_prompt_length:] for e in val_examples]
+    val_truths = [e.ground_truth for e in val_examples]
+
+    reward_pool = None
+    if FLAGS.reward_workers > 0:
+        from toolrl_jax.rewards.batch import make_reward_pool
+        reward_pool = make_reward_pool(FLAGS.reward_workers)
+    param_shardings = opt_shardings_fn = None
+    if mesh is not None:
+        from toolrl_jax.sharding import param_shardings as shardings_for
+        from flax import nnx
+        param_shardings = shardings_for(nnx.state(model), mesh)
+        opt_shardings_fn = lambda tree: shardings_for(tree, mesh)  # noqa: E731
+    trainer = GRPOTrainer(model, config, tokenizer=tokenizer, pad_id=pad_id,
+                          stop_token_ids=stop_token_ids(tokenizer), mesh=mesh, param_shardings=param_shardings,
+                          opt_shardings_fn=opt_shardings_fn, place_batch=place_batch, reward_pool=reward_pool)
+    del model
+
+    checkpointer = Checkpointer(ckpt_dir, CheckpointConfig(save_every=FLAGS.save_every,
+                                                          keep_last=FLAGS.keep_checkpoints))
+    base_key = jax.random.key(config.seed)
+    start_step = 0
+    if FLAGS.resume and checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                trainer.train_state())
+        restored = checkpointer.restore(abstract)
+        trainer.load_train_state(restored.state, restored.step)
+        dataset.restore(restored.data_state)
+        start_step = restored.step
+        log.info("resumed from step %d (%s)", start_step, ckpt_dir)
+    metrics_writer = MetricsWriter(run_dir, resume_step=start_step)
+    (run_dir / "flags.txt").write_text(FLAGS.flags_into_string())
+    (run_dir / "config.json").write_text(json.dumps({"model": str(model_folder), "grpo": repr(config)}, indent=2))
+
+    def run_validation(step: int) -> None:
+        if not val_prompts:
+            return
+        val_metrics, samples, _ = trainer.validate(val_prompts, val_truths, step)
+        metrics_writer.write(step, val_metrics)
+        log.info("step %d validation: %s", step, _fmt(val_metrics))
+
+    if start_step == 0 and config.val_every > 0:
+        run_validation(0)
+    progress = ProgressBar(config.total_steps, initial_step=start_step, desc="grpo",
+                           keys=("reward/total", "reward/format", "reward/correctness", "reward/accuracy"))
+    for step in range(start_step + 1, config.total_steps + 1):
+        batch = dataset.next_batch()
+        result = trainer.train_step(batch.prompt_ids, batch.ground_truths, jax.random.fold_in(base_key, step))
+        metrics = result.metrics
+        metrics["lr"] = metrics.get("actor/lr", float("nan"))
+        metrics["data/epoch"] = dataset.epoch
+        metrics_writer.write(step, metrics)
+        metrics_writer.write_samples(step, _sample_records(result, batch, config.log_samples))
+        progress.update(step, metrics)
+        log.info("step %d reward=%.3f format=%.2f correctness=%.2f accuracy=%.2f length=%.0f time=%.1fs", step,
+                     metrics["reward/total"], metrics["reward/format"], metrics["reward/correctness"],
+                     metrics["reward/accuracy"], metrics["response/length_mean"], metrics["time/step_s"])
+        if config.val_every > 0 and (step % config.val_every == 0 or step == config.total_steps):
+            run_validation(step)
+        checkpointer.save(step, trainer.train_state(), data_state=dataset.state(),
+                          rng_key=jax.random.fold_in(base_key, step), metadata={"model": str(model_folder)},
+                          force=step == config.total_steps)
+    checkpointer.close()
+    metrics_writer.close()
+    progress.close()
+    if FLAGS.export_dir:
+        out = save_hf_model(trainer.model(), FLAGS.export_dir, dtype=FLAGS.export_dtype)
+        if jax.process_index() == 0:
+            copy_tokenizer_files(model_folder, out)
+        log.info("exported the policy to %s", out)
+
+
+def _sample_records(result, batch, limit: int) -> list[dict]:
+    records = []
+    n = result.samples.num_samples
+    for row in range(min(limit, len(result.samples.texts or []))):
+        records.append({"prompt_index": int(batch.indices[row // n]), "response": result.samples.texts[row],
+                        "ground_truth": batch.ground_truths[row // n],
+                        "reward": float(result.rewards.total[row]), "format": float(result.rewards.format[row]),
+                        "correctness": float(result.rewards.correctness[row])})
+    return records
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
+
+
+if __name__ == "__main__":
+    app.run(main)

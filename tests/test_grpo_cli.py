@@ -1,0 +1,81 @@
+"""`python -m experiments.grpo` end to end: a real run killed with SIGKILL resumes and continues exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import REPO_ROOT
+
+# Metrics that depend on wall-clock time, not on the computation.
+_TIMING_PREFIXES = ("time/", "throughput/")
+
+
+def _grpo_command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.grpo", "--flagfile=experiments/configs/tiny_test.flags",
+            f"--model={model_dir}", f"--run_dir={run_dir}", f"--export_dir={run_dir / 'export'}",
+            "--export_dtype=float32", *extra]
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {}).update(
+            {k: v for k, v in row.items() if k != "time" and not k.startswith(_TIMING_PREFIXES)})
+    return by_step
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tiny_chat_model_dir, tmp_path):
+    straight = tmp_path / "straight"
+    _run(_grpo_command(tiny_chat_model_dir, straight))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_grpo_command(tiny_chat_model_dir, killed), cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "export").exists(), "the run was killed before it finished"
+    # Resuming without --resume must refuse to overwrite the run.
+    refused = subprocess.run(_grpo_command(tiny_chat_model_dir, killed), cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    _run(_grpo_command(tiny_chat_model_dir, killed, "--resume"))
+
+    a, b = _metrics(straight), _metrics(killed)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]
+    for step in a:
+        assert a[step] == b[step], f"step {step} differs after resume"
+    wa, wb = load_file(str(straight / "export" / "model.safetensors")), \
+        load_file(str(killed / "export" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
+def test_invalid_flags_are_named(tiny_chat_model_dir, tmp_path):
+    proc = subprocess.run(_grpo_command(tiny_chat_model_dir, tmp_path / "r", "--mini_batch_prompts=3"),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "mini_batch_prompts" in proc.stderr
+    proc = subprocess.run(_grpo_command(tmp_path / "missing", tmp_path / "r"), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--model=" in proc.stderr
