@@ -1,0 +1,293 @@
+"""Benchmark: rollout sampling throughput (new tokens/s) and peak memory, our jitted sampler vs Hugging Face
+`generate`, side by side on the same device with the same random weights.
+
+    python -m experiments.bench_sampling [--model=qwen2.5-1.5b] [--batch_sizes=64,256] [--prompt_len=512] \
+        [--new_tokens=256] [--skip_hf] [--json_out=bench_sampling.json]
+    python -m experiments.bench_sampling --model=tiny --batch_sizes=2 --prompt_len=8 --new_tokens=4   # CPU smoke
+
+Every response is forced to exactly --new_tokens tokens (our `ignore_stop`, HF's `min_new_tokens`), so both sides
+do the same work. Each measurement runs in its own subprocess of this script (`--worker=...`), so peak-memory
+figures are per workload and the two frameworks never share an allocator: first a JAX process draws random weights
+(bf16 by default) and saves them as a Hugging Face folder, then for every batch size a JAX process and a PyTorch
+process load that folder and time sampling on random prompt tokens (identical prompts on both sides).
+
+Reported per (implementation, batch): wall time of one generate call after a warm-up call (compilation excluded,
+reported separately), new tokens/s = batch * new_tokens / time, and for ours the time of a 1-token call (prefill
++ first token), from which the decode-only rate follows. Peak memory: device peak bytes (GPU), else the process's
+peak resident set size (CPU).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", "qwen2.5-1.5b", "A preset name from toolrl_jax.models.config.PRESETS, or "
+                             "'tiny' (ModelConfig.tiny, for CPU smoke tests).")
+_BATCH = flags.DEFINE_list("batch_sizes", ["64", "256"], "Sequences per generate call (one row per prompt).")
+_PROMPT = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence (random ids, no padding).")
+_NEW = flags.DEFINE_integer("new_tokens", 256, "New tokens per sequence (forced: stop tokens are ignored).")
+_TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and compute dtype, both sides.")
+_ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Our attention kernel.")
+_HF_ATTN = flags.DEFINE_string("hf_attn", "sdpa", "transformers attn_implementation.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed generate calls per workload (median reported).")
+_PREFILL = flags.DEFINE_bool("measure_prefill", True, "Also time a 1-new-token call of ours (one more compile).")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Only benchmark our sampler.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
+_JSON = flags.DEFINE_string("json_out", "bench_sampling.json", "Write all figures here.")
+# Internal: how the parent process hands work to its workers.
+_WORKER = flags.DEFINE_enum("worker", None, ["init", "jax", "hf"], "Internal: run one measurement and exit.")
+_WEIGHTS = flags.DEFINE_string("weights_dir", None, "Internal: Hugging Face folder with the shared weights.")
+_WORKER_BATCH = flags.DEFINE_integer("worker_batch", None, "Internal: the batch size a worker measures.")
+_WORKER_JSON = flags.DEFINE_string("worker_json", None, "Internal: where a worker writes its result.")
+
+
+def _model_config():
+    from toolrl_jax.models.config import PRESETS, ModelConfig
+
+    if _MODEL.value == "tiny":
+        base = ModelConfig.tiny("qwen2")
+    elif _MODEL.value in PRESETS:
+        base = PRESETS[_MODEL.value]
+    else:
+        raise app.UsageError(f"--model={_MODEL.value}: not 'tiny' or one of {sorted(PRESETS)}")
+    return base.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value, attention_impl=_ATTN.value)
+
+
+def _prompts(batch: int, vocab: int) -> list[list[int]]:
+    """Identical random prompts for both frameworks (ids above 1000 avoid special tokens of real vocabularies)."""
+    import numpy as np
+
+    low = 1000 if vocab > 2000 else 3
+    rng = np.random.default_rng(_SEED.value + batch)
+    return rng.integers(low, vocab, size=(batch, _PROMPT.value)).tolist()
+
+
+def _host_peak_bytes() -> int:
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _worker_init() -> dict[str, Any]:
+    """Random weights drawn on the default JAX device, saved as a HF folder both frameworks load."""
+    import jax
+    from flax import nnx
+
+    from toolrl_jax.models.decoder import CausalLM
+    from toolrl_jax.models.hf_io import save_hf_model
+
+    config = _model_config()
+    start = time.perf_counter()
+    model = CausalLM(config, rngs=nnx.Rngs(_SEED.value))
+    save_hf_model(model, _WEIGHTS.value, dtype=_DTYPE.value)
+    return {"init_s": time.perf_counter() - start, "num_params": config.num_params,
+            "device": jax.devices()[0].device_kind}
+
+
+def _worker_jax(batch: int) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from toolrl_jax.models.hf_io import load_hf_model
+    from toolrl_jax.sampling import Sampler, SamplingConfig
+
+    _, model = load_hf_model(_WEIGHTS.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value,
+                             attention_impl=_ATTN.value)
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids)
+    del model
+    prompts = _prompts(batch, config.vocab_size)
+    cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+                         ignore_stop=True, prompt_length_buckets=(_PROMPT.value,), batch_buckets=(batch,))
+    key = jax.random.key(_SEED.value)
+
+    def run(c):
+        return sampler.generate(prompts, c, key)
+
+    start = time.perf_counter()
+    out = run(cfg)
+    compile_s = time.perf_counter() - start
+    if not (out.lengths == _NEW.value).all() or out.response_ids.shape != (batch, _NEW.value):
+        raise RuntimeError(f"expected {batch} x {_NEW.value} forced tokens, got lengths {np.unique(out.lengths)}")
+    seconds = _median_time(lambda: run(cfg), _REPEATS.value)
+    result: dict[str, Any] = {
+        "impl": "toolrl_jax", "batch": batch, "seconds": seconds, "compile_and_first_call_s": compile_s,
+        "new_tokens_per_s": batch * _NEW.value / seconds, "mean_logprob": float(out.logprobs.mean()),
+        "jax": jax.__version__}
+    if _PREFILL.value and _NEW.value > 1:
+        first = cfg.replace(max_new_tokens=1)
+        run(first)
+        prefill_s = _median_time(lambda: run(first), _REPEATS.value)
+        result["prefill_s"] = prefill_s
+        result["decode_tokens_per_s"] = batch * (_NEW.value - 1) / max(seconds - prefill_s, 1e-9)
+    result["compiles"] = sampler.compile_count
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_bytes"], result["peak_kind"] = int(stats["peak_bytes_in_use"]), "device"
+    else:
+        result["peak_bytes"], result["peak_kind"] = _host_peak_bytes(), "host_rss"
+    result["device"] = jax.devices()[0].device_kind
+    return result
+
+
+def _worker_hf(batch: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[_DTYPE.value]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        _WEIGHTS.value, dtype=dtype, attn_implementation=_HF_ATTN.value).to(device).eval()
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.tensor(_prompts(batch, config.vocab_size), dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    sampling = dict(do_sample=True, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value) \
+        if _TEMP.value > 0 else dict(do_sample=False)
+
+    def run(new_tokens: int):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=pad, **sampling)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    torch.manual_seed(_SEED.value)
+    run(min(8, _NEW.value))  # warm-up: kernels, allocator, cache classes
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = run(_NEW.value)
+    if tuple(out.shape) != (batch, _PROMPT.value + _NEW.value):
+        raise RuntimeError(f"HF generate returned shape {tuple(out.shape)}, expected "
+                           f"{(batch, _PROMPT.value + _NEW.value)}")
+    seconds = _median_time(lambda: run(_NEW.value), max(1, _REPEATS.value - 1))
+    result = {"impl": "hf_generate", "batch": batch, "seconds": seconds,
+              "new_tokens_per_s": batch * _NEW.value / seconds, "torch": torch.__version__,
+              "transformers": transformers.__version__}
+    if device.type == "cuda":
+        result["peak_bytes"], result["peak_kind"] = int(torch.cuda.max_memory_allocated()), "device"
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        result["peak_bytes"], result["peak_kind"], result["device"] = _host_peak_bytes(), "host_rss", "cpu"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = None) -> dict[str, Any]:
+    out = scratch / f"{worker}_{batch}.json"
+    cmd = [sys.executable, "-m", "experiments.bench_sampling", f"--worker={worker}", f"--weights_dir={weights_dir}",
+           f"--worker_json={out}"] + _serialized_flags()
+    if batch is not None:
+        cmd.append(f"--worker_batch={batch}")
+    print(f"[bench_sampling] running {worker} worker" + (f" (batch {batch})" if batch else ""), flush=True)
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker} worker (batch {batch}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def _serialized_flags() -> list[str]:
+    names = ("model", "prompt_len", "new_tokens", "temperature", "top_p", "top_k", "dtype", "attention_impl",
+             "hf_attn", "repeats", "measure_prefill", "seed")
+    return [flags.FLAGS[name].serialize() for name in names]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = ("| batch | implementation | new tokens/s | s / call | prefill s | decode tokens/s | peak memory | "
+              "first call s |")
+    lines = [header, "|" + "---|" * 8]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        peak = r.get("peak_bytes")
+        mem = "-" if peak is None else f"{peak / 2 ** 30:.2f} GiB ({'dev' if r['peak_kind'] == 'device' else 'rss'})"
+        lines.append(f"| {r['batch']} | {r['impl']} | {fmt(r['new_tokens_per_s'], ',.0f')} | {fmt(r['seconds'], '.3f')}"
+                     f" | {fmt(r.get('prefill_s'), '.3f')} | {fmt(r.get('decode_tokens_per_s'), ',.0f')} | {mem} | "
+                     f"{fmt(r.get('compile_and_first_call_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def _parent() -> None:
+    config = _model_config()
+    batches = [int(b) for b in _BATCH.value]
+    if any(b < 1 for b in batches) or _PROMPT.value < 1 or _NEW.value < 1 or _REPEATS.value < 1:
+        raise app.UsageError("--batch_sizes, --prompt_len, --new_tokens and --repeats must be positive")
+    if _PROMPT.value + _NEW.value > config.max_position_embeddings:
+        raise app.UsageError(f"--prompt_len + --new_tokens exceeds the model's {config.max_position_embeddings} "
+                             "positions")
+    scratch = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
+    try:
+        weights = scratch / "weights"
+        init = _spawn("init", weights, scratch)
+        rows = []
+        for batch in batches:
+            rows.append(_spawn("jax", weights, scratch, batch))
+            if not _SKIP_HF.value:
+                rows.append(_spawn("hf", weights, scratch, batch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for batch in batches:
+        ours = next(r for r in rows if r["batch"] == batch and r["impl"] == "toolrl_jax")
+        hf = next((r for r in rows if r["batch"] == batch and r["impl"] == "hf_generate"), None)
+        if hf:
+            ours["speedup_vs_hf"] = ours["new_tokens_per_s"] / hf["new_tokens_per_s"]
+    report = {
+        "model": _MODEL.value, "num_params": init["num_params"], "dtype": _DTYPE.value, "device": init["device"],
+        "prompt_len": _PROMPT.value, "new_tokens": _NEW.value, "temperature": _TEMP.value, "top_p": _TOP_P.value,
+        "top_k": _TOP_K.value, "attention_impl": _ATTN.value, "results": rows,
+    }
+    print(f"\nmodel {_MODEL.value} ({init['num_params'] / 1e9:.3f} B params, {_DTYPE.value}) on {init['device']}; "
+          f"prompt {_PROMPT.value} + {_NEW.value} forced new tokens, temperature {_TEMP.value}, top_p {_TOP_P.value}"
+          f", top_k {_TOP_K.value}\n")
+    print(_table(rows))
+    for r in rows:
+        if "speedup_vs_hf" in r:
+            print(f"batch {r['batch']}: toolrl_jax is {r['speedup_vs_hf']:.1f}x HF generate")
+    if _JSON.value:
+        Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_JSON.value).write_text(json.dumps(report, indent=2))
+        print(f"wrote {_JSON.value}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _WORKER.value is None:
+        _parent()
+        return
+    if not _WEIGHTS.value or not _WORKER_JSON.value:
+        raise app.UsageError("--worker needs --weights_dir and --worker_json")
+    if _WORKER.value == "init":
+        result = _worker_init()
+    elif _WORKER.value == "jax":
+        result = _worker_jax(_WORKER_BATCH.value)
+    else:
+        result = _worker_hf(_WORKER_BATCH.value)
+    Path(_WORKER_JSON.value).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
