@@ -30,6 +30,7 @@ class DecodeSpec:
     use_top_p: bool
     stop_token_ids: tuple[int, ...]
     ignore_stop: bool
+    tempered_logprobs: bool
     pad_id: int
     cache_dtype: str
 
@@ -103,8 +104,9 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
 
     prompt_ids/prompt_segments: [B, P] int32 (segment 0 = padding, on the left); prompt_index: [B] global prompt
     numbers (seed the per-row keys); key: a PRNG key. Returns arrays with B*n rows, prompt-major:
-    tokens [B*n, R] (pad_id after the stop), logprobs/tempered_logprobs [B*n, R] float32 (0 after the stop),
-    lengths [B*n] (generated tokens including the stop token) and stopped [B*n] bool.
+    tokens [B*n, R] (pad_id after the stop), logprobs [B*n, R] float32 (0 after the stop), lengths [B*n]
+    (generated tokens including the stop token), stopped [B*n] bool, and tempered_logprobs [B*n, R] when
+    spec.tempered_logprobs.
     """
     if on_trace is not None:
         on_trace((prompt_ids.shape, spec))
@@ -134,7 +136,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     def choose(logits: jax.Array, step: jax.Array):
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         return select_tokens(logits, step_keys, temperature, top_p, greedy=spec.greedy, top_k=spec.top_k,
-                             use_top_p=spec.use_top_p)
+                             use_top_p=spec.use_top_p, tempered=spec.tempered_logprobs)
 
     def record(carry: dict, choice, step: jax.Array) -> dict:
         active = ~carry["done"]
@@ -146,8 +148,9 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
 
         out["tokens"] = write(carry["tokens"], token)
         out["logprobs"] = write(carry["logprobs"], jnp.where(active, choice.logprobs, 0.0))
-        out["tempered_logprobs"] = write(carry["tempered_logprobs"],
-                                         jnp.where(active, choice.tempered_logprobs, 0.0))
+        if spec.tempered_logprobs:
+            out["tempered_logprobs"] = write(carry["tempered_logprobs"],
+                                             jnp.where(active, choice.tempered_logprobs, 0.0))
         out["lengths"] = carry["lengths"] + active.astype(jnp.int32)
         if not spec.ignore_stop and spec.stop_token_ids:
             out["stopped"] = carry["stopped"] | (active & jnp.isin(token, stop_ids))
@@ -156,17 +159,18 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         return out
 
     zeros_f = _constrain(jnp.zeros((rows, budget), jnp.float32), sharding)
-    carry = dict(
+    carry: dict = dict(
         step=jnp.ones((), jnp.int32),
         cache=cache,
         last=jnp.zeros((rows,), jnp.int32),
         tokens=_constrain(jnp.full((rows, budget), spec.pad_id, jnp.int32), sharding),
         logprobs=zeros_f,
-        tempered_logprobs=zeros_f,
         lengths=jnp.zeros((rows,), jnp.int32),
         stopped=jnp.zeros((rows,), bool),
         done=jnp.zeros((rows,), bool),
     )
+    if spec.tempered_logprobs:
+        carry["tempered_logprobs"] = zeros_f
     carry = record(carry, choose(last_logits, jnp.zeros((), jnp.int32)), jnp.zeros((), jnp.int32))
     ones = jnp.ones((rows, 1), jnp.int32)
 
@@ -185,4 +189,5 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         return out
 
     carry = jax.lax.while_loop(cond, body, carry)
-    return {name: carry[name] for name in ("tokens", "logprobs", "tempered_logprobs", "lengths", "stopped")}
+    names = ("tokens", "logprobs", "lengths", "stopped") + (("tempered_logprobs",) if spec.tempered_logprobs else ())
+    return {name: carry[name] for name in names}

@@ -28,11 +28,12 @@ def raw_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                  greedy: bool, top_k: int, use_top_p: bool) -> TokenChoice:
+                  greedy: bool, top_k: int, use_top_p: bool, tempered: bool = True) -> TokenChoice:
     """Chooses one token per row.
 
     logits: [N, V] float32; keys: [N] PRNG keys (one per row, so rows are independent and reproducible);
     temperature, top_p: traced scalars (changing their values does not recompile); greedy/top_k/use_top_p: static.
+    tempered=False skips the tempered log-probs (one fewer pass over the [N, V] logits; zeros are returned).
     """
     chex.assert_rank(logits, 2)
     logits = logits.astype(jnp.float32)
@@ -53,6 +54,6 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         # Keep the smallest prefix whose mass reaches top_p (the first candidate always survives).
         scaled = jnp.where(mass_before < jnp.asarray(top_p, jnp.float32), scaled, -jnp.inf)
     choice = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    tempered = _take(jax.nn.log_softmax(scaled, axis=-1), choice)
     tokens = choice if candidate_ids is None else _take(candidate_ids, choice).astype(jnp.int32)
-    return TokenChoice(tokens, raw_logprob(logits, tokens), tempered)
+    tempered_lp = raw_logprob(scaled, choice) if tempered else jnp.zeros(tokens.shape, jnp.float32)
+    return TokenChoice(tokens, raw_logprob(logits, tokens), tempered_lp)

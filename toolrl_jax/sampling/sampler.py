@@ -193,7 +193,8 @@ class Sampler:
         stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
         spec = DecodeSpec(max_new_tokens=config.max_new_tokens, num_samples=config.num_samples, greedy=config.greedy,
                           top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
-                          ignore_stop=config.ignore_stop, pad_id=self.pad_id, cache_dtype=self.cache_dtype)
+                          ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
+                          pad_id=self.pad_id, cache_dtype=self.cache_dtype)
         multiple = self.sharding.data_parallel_size if self.sharding else 1
         temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
         chunk = config.prompts_per_batch
@@ -242,5 +243,5 @@ class Sampler:
             prompt_ids=np.repeat(prompt_ids, n, axis=0), prompt_mask=np.repeat(prompt_mask, n, axis=0),
             response_ids=got["tokens"].astype(np.int32), response_mask=response_mask,
             logprobs=got["logprobs"].astype(np.float32), lengths=lengths, stopped=got["stopped"].astype(bool),
-            num_samples=n, tempered_logprobs=got["tempered_logprobs"] if config.tempered_logprobs else None,
+            num_samples=n, tempered_logprobs=got.get("tempered_logprobs"),
             texts=texts)
