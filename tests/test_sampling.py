@@ -92,7 +92,7 @@ def _tempered_reference(logits: np.ndarray, token: int, temperature: float, top_
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples"),
     (dict(prompt_length_buckets=(64, 32)), "prompt_length_buckets"), (dict(batch_buckets=()), "batch_buckets"),
-    (dict(stop_token_ids=(-3,)), "stop_token_ids"), (dict(top_k=2.5), "top_k"),
+    (dict(stop_token_ids=(-3,)), "stop_token_ids"), (dict(top_k=2.5), "top_k"), (dict(prefill_chunk=0), "prefill"),
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -157,6 +157,12 @@ def test_padding_and_buckets_do_not_change_results(greedy_setup):
     np.testing.assert_array_equal(a.response_ids, b.response_ids)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     np.testing.assert_array_equal(a.prompt_ids[:, -12:], b.prompt_ids)
+    # A prefill in 4 chunks of 8 tokens (a loop over the cache) equals the one-pass prefill.
+    c = sampler.generate(PROMPTS, cfg.replace(prefill_chunk=8), jax.random.key(3))
+    np.testing.assert_array_equal(c.response_ids, a.response_ids)
+    np.testing.assert_allclose(c.logprobs, a.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of SamplingConfig.prefill_chunk"):
+        sampler.generate(PROMPTS, cfg.replace(prefill_chunk=5), 0)
 
 
 def test_stop_token_truncates_exactly(greedy_setup):

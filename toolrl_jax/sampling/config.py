@@ -42,6 +42,9 @@ class SamplingConfig:
     prompt_length_buckets: allowed padded prompt lengths; None means powers of two >= min_prompt_bucket.
     batch_buckets: allowed padded prompt counts per device call, the largest being the chunk size; None means
       powers of two up to max_prompts_per_batch. Each call decodes bucket * num_samples rows.
+    prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens (a loop over the KV
+      cache), bounding the [batch, heads, chunk, prompt] attention scores; padded prompt lengths above it must be
+      multiples of it. None prefills in one pass.
     """
 
     max_new_tokens: int = 256
@@ -56,6 +59,7 @@ class SamplingConfig:
     min_prompt_bucket: int = 32
     batch_buckets: Optional[tuple[int, ...]] = None
     max_prompts_per_batch: int = 64
+    prefill_chunk: Optional[int] = 512
 
     def __post_init__(self) -> None:
         for name in ("stop_token_ids", "prompt_length_buckets", "batch_buckets"):
@@ -71,6 +75,10 @@ class SamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < lo:
                 raise ValueError(f"SamplingConfig.{name} must be an integer >= {lo}, got {value!r}")
+        if self.prefill_chunk is not None and (isinstance(self.prefill_chunk, bool) or
+                                               int(self.prefill_chunk) != self.prefill_chunk or self.prefill_chunk < 1):
+            raise ValueError(f"SamplingConfig.prefill_chunk must be a positive integer or None, got "
+                             f"{self.prefill_chunk!r}")
         if self.stop_token_ids is not None and any(s < 0 for s in self.stop_token_ids):
             raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
         _check_buckets("prompt_length_buckets", self.prompt_length_buckets)

@@ -33,6 +33,7 @@ class DecodeSpec:
     tempered_logprobs: bool
     pad_id: int
     cache_dtype: str
+    prefill_chunk: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,35 @@ def row_keys(key: jax.Array, prompt_index: jax.Array, num_samples: int) -> jax.A
     return jax.vmap(jax.random.fold_in)(per_prompt, sample)
 
 
+def prefill(model: CausalLM, prompt_ids: jax.Array, prompt_segments: jax.Array, cache: KVCache,
+            chunk: Optional[int]) -> tuple[jax.Array, KVCache]:
+    """Runs the left-padded prompts through the model, filling `cache`; returns the last position's hidden [B, H].
+
+    With `chunk` < P the prompt goes through in P / chunk pieces (a fori_loop that advances the cache index), so
+    attention scores are [B, heads, chunk, P] instead of [B, heads, P, P]; the result is the same.
+    """
+    positions = positions_from_segments(prompt_segments)
+    batch, length = prompt_ids.shape
+    if chunk is None or length <= chunk:
+        hidden, cache = model.hidden_states(prompt_ids, positions, prompt_segments, cache=cache)
+        return hidden[:, -1], cache
+    if length % chunk:
+        raise ValueError(f"padded prompt length {length} is not a multiple of prefill_chunk {chunk}")
+
+    def piece(x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+
+    def body(i, carry):
+        cache, _ = carry
+        hidden, cache = model.hidden_states(piece(prompt_ids, i), piece(positions, i), piece(prompt_segments, i),
+                                            cache=cache)
+        return cache, hidden[:, -1]
+
+    last = jnp.zeros((batch, model.config.hidden_size), jnp.dtype(model.config.dtype))
+    cache, last = jax.lax.fori_loop(0, length // chunk, body, (cache, last))
+    return last, cache
+
+
 def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_segments: jax.Array,
                     prompt_index: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                     spec: DecodeSpec, sharding: Optional[BatchSharding] = None,
@@ -120,9 +150,8 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     prompt_segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
     prompt_ids = _constrain(prompt_ids.astype(jnp.int32), sharding)
     cache = _constrain_cache(init_cache(model.config, batch, prompt_len, spec.cache_dtype), sharding)
-    hidden, cache = model.hidden_states(prompt_ids, positions_from_segments(prompt_segments), prompt_segments,
-                                        cache=cache)
-    last_logits = model.logits_from_hidden(hidden[:, -1])  # [B, V] float32
+    last_hidden, cache = prefill(model, prompt_ids, prompt_segments, cache, spec.prefill_chunk)
+    last_logits = model.logits_from_hidden(last_hidden)  # [B, V] float32
     prompt_lengths = jnp.sum(prompt_segments != 0, axis=1).astype(jnp.int32)
 
     # Share the prompt across its samples: copy KV rows instead of recomputing them.

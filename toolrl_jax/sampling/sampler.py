@@ -189,12 +189,12 @@ class Sampler:
                  key: jax.Array | int) -> SampleOutput:
         """Samples config.num_samples responses for every prompt (token id lists, unpadded)."""
         prompts = self._validate(prompt_ids, config)
-        key = jax.random.key(key) if isinstance(key, int) else key
+        key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
         stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
         spec = DecodeSpec(max_new_tokens=config.max_new_tokens, num_samples=config.num_samples, greedy=config.greedy,
                           top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
                           ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
-                          pad_id=self.pad_id, cache_dtype=self.cache_dtype)
+                          pad_id=self.pad_id, cache_dtype=self.cache_dtype, prefill_chunk=config.prefill_chunk)
         multiple = self.sharding.data_parallel_size if self.sharding else 1
         temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
         chunk = config.prompts_per_batch
@@ -202,6 +202,9 @@ class Sampler:
         for start in range(0, len(prompts), chunk):
             group = prompts[start:start + chunk]
             width = prompt_length_bucket(max(p.size for p in group), config)
+            if config.prefill_chunk is not None and width > config.prefill_chunk and width % config.prefill_chunk:
+                raise ValueError(f"prompt length bucket {width} is not a multiple of SamplingConfig.prefill_chunk "
+                                 f"({config.prefill_chunk}); change the buckets or the chunk")
             batch = batch_bucket(len(group), config, multiple)
             ids = np.full((batch, width), self.pad_id, np.int32)
             seg = np.zeros((batch, width), np.int32)
