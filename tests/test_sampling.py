@@ -1,6 +1,8 @@
 """Correctness of the rollout sampler against full (cache-free) forwards of the same tiny model (float32, CPU)."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,6 +208,20 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(sharp_sampler):
         np.testing.assert_array_equal(out.response_ids, greedy.response_ids)
         np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-5)
         np.testing.assert_allclose(out.tempered_logprobs, 0.0, atol=1e-6)  # a point mass
+
+
+def test_decode_loop_updates_the_kv_cache_in_place(greedy_setup):
+    """The compiled program decodes in a while loop and never copies a KV-cache buffer (updates are in place)."""
+    _, sampler, _ = greedy_setup
+    (shape, spec), = [k for k in sampler.traces if k[1].greedy and k[1].max_new_tokens == 8 and k[0] == (4, 32)]
+    ids = np.zeros(shape, np.int32)
+    hlo = sampler._generate.lower(sampler._state, ids, ids, np.arange(4, dtype=np.int32), jax.random.key(0),
+                                  np.float32(0), np.float32(1), spec=spec).compile().as_text()
+    cache_shape = "f32[4,40,2,8]"  # [rows, prompt bucket + budget, kv heads, head dim]
+    assert " while(" in hlo and cache_shape in hlo
+    copies = [line for line in hlo.splitlines()
+              if cache_shape in line.split("=", 1)[-1][:40] and re.search(r"\b(copy|copy-start)\(", line)]
+    assert not copies, copies[:3]
 
 
 # ---------------------------------------------------------------------------------------------- sampling
