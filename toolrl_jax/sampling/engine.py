@@ -145,8 +145,9 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     n, budget = spec.num_samples, spec.max_new_tokens
     rows = batch * n
 
-    # Prefill: one pass over the prompts; only the last position's logits are formed (left padding puts every
-    # prompt's last token in the last column), never the [B, P, V] logits tensor.
+    # Prefill each prompt once (in chunks when long); only the last position's logits are formed (left padding puts
+    # every prompt's last token in the last column), never the [B, P, V] logits tensor. Dummy rows that pad the
+    # batch have segment 0 everywhere: they compute harmless garbage and are dropped by the caller.
     prompt_segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
     prompt_ids = _constrain(prompt_ids.astype(jnp.int32), sharding)
     cache = _constrain_cache(init_cache(model.config, batch, prompt_len, spec.cache_dtype), sharding)
