@@ -53,6 +53,7 @@ _WORKER = flags.DEFINE_enum("worker", None, ["init", "jax", "hf"], "Internal: ru
 _WEIGHTS = flags.DEFINE_string("weights_dir", None, "Internal: Hugging Face folder with the shared weights.")
 _WORKER_BATCH = flags.DEFINE_integer("worker_batch", None, "Internal: the batch size a worker measures.")
 _WORKER_JSON = flags.DEFINE_string("worker_json", None, "Internal: where a worker writes its result.")
+_PROBE = flags.DEFINE_string("probe_file", None, "Internal: our first sampled row, re-scored by the HF worker.")
 
 
 def _model_config():
@@ -145,6 +146,9 @@ def _worker_jax(batch: int) -> dict[str, Any]:
         result["prefill_s"] = prefill_s
         result["decode_tokens_per_s"] = batch * (_NEW.value - 1) / max(seconds - prefill_s, 1e-9)
     result["compiles"] = sampler.compile_count
+    if _PROBE.value:  # the HF worker re-scores this row: same weights and our log-probs, checked at full size
+        Path(_PROBE.value).write_text(json.dumps({
+            "prompt": prompts[0], "response": out.response_ids[0].tolist(), "logprobs": out.logprobs[0].tolist()}))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_bytes"], result["peak_kind"] = int(stats["peak_bytes_in_use"]), "device"
@@ -186,9 +190,11 @@ def _worker_hf(batch: int) -> dict[str, Any]:
         raise RuntimeError(f"HF generate returned shape {tuple(out.shape)}, expected "
                            f"{(batch, _PROMPT.value + _NEW.value)}")
     seconds = _median_time(lambda: run(_NEW.value), max(1, _REPEATS.value - 1))
-    result = {"impl": "hf_generate", "batch": batch, "seconds": seconds,
+    result: dict[str, Any] = {"impl": "hf_generate", "batch": batch, "seconds": seconds,
               "new_tokens_per_s": batch * _NEW.value / seconds, "torch": torch.__version__,
               "transformers": transformers.__version__}
+    if _PROBE.value and Path(_PROBE.value).is_file():
+        result["logprob_check"] = _rescore_probe(model, device)
     if device.type == "cuda":
         result["peak_bytes"], result["peak_kind"] = int(torch.cuda.max_memory_allocated()), "device"
         result["device"] = torch.cuda.get_device_name()
@@ -197,11 +203,26 @@ def _worker_hf(batch: int) -> dict[str, Any]:
     return result
 
 
+def _rescore_probe(model, device) -> dict[str, float]:
+    """|our sampler's log-probs - HF's teacher-forced log-probs| on the JAX worker's first sampled row."""
+    import torch
+
+    probe = json.loads(Path(_PROBE.value).read_text())
+    prompt, response = probe["prompt"], probe["response"]
+    ids = torch.tensor([prompt + response], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    theirs = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu().numpy()
+    diff = abs(theirs - torch.tensor(probe["logprobs"]).numpy())
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "mean_logprob_hf": float(theirs.mean())}
+
+
 # ---------------------------------------------------------------------------------------------- parent
 def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = None) -> dict[str, Any]:
     out = scratch / f"{worker}_{batch}.json"
     cmd = [sys.executable, "-m", "experiments.bench_sampling", f"--worker={worker}", f"--weights_dir={weights_dir}",
-           f"--worker_json={out}"] + _serialized_flags()
+           f"--worker_json={out}", f"--probe_file={scratch / f'probe_{batch}.json'}"] + _serialized_flags()
     if batch is not None:
         cmd.append(f"--worker_batch={batch}")
     print(f"[bench_sampling] running {worker} worker" + (f" (batch {batch})" if batch else ""), flush=True)
@@ -267,6 +288,10 @@ def _parent() -> None:
     for r in rows:
         if "speedup_vs_hf" in r:
             print(f"batch {r['batch']}: toolrl_jax is {r['speedup_vs_hf']:.1f}x HF generate")
+        if "logprob_check" in r:
+            check = r["logprob_check"]
+            print(f"batch {r['batch']}: our sampled log-probs vs HF teacher-forced on the same tokens: max |diff| "
+                  f"{check['max_abs_diff']:.3g}, mean {check['mean_abs_diff']:.3g} ({_DTYPE.value})")
     if _JSON.value:
         Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
         Path(_JSON.value).write_text(json.dumps(report, indent=2))

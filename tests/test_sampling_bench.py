@@ -32,6 +32,8 @@ def test_bench_runs_both_implementations_on_tiny_model(tmp_path):
         assert r["batch"] == 2 and r["new_tokens_per_s"] > 0 and r["peak_bytes"] > 0
         assert r["new_tokens_per_s"] == pytest.approx(2 * 3 / r["seconds"])
     assert ours["prefill_s"] > 0 and ours["speedup_vs_hf"] > 0
+    # HF re-scored our first sampled row with the same weights: bf16 agreement.
+    assert hf["logprob_check"]["max_abs_diff"] < 0.1, hf["logprob_check"]
     assert "| 2 | toolrl_jax |" in proc.stdout and "| 2 | hf_generate |" in proc.stdout
 
 
