@@ -213,6 +213,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimiz
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
+@functools.lru_cache(maxsize=4)
+def _unsharded_steps(graphdef: nnx.GraphDef, optimizer_config: OptimizerConfig, chunk_size: Optional[int]):
+    """(train step, eval step) without a mesh, shared by trainers of the same model and settings (a GRPO warm-up
+    or a resumed run then reuses the compiled executables instead of compiling again)."""
+    return (make_train_step(graphdef, make_optimizer(optimizer_config), optimizer_config, chunk_size),
+            make_eval_step(graphdef, chunk_size))
+
+
 def make_eval_step(graphdef: nnx.GraphDef, chunk_size: Optional[int] = None):
     """jit(params, batch) -> (weighted NLL sum, argmax hits, target-token count) of a [num_micro, micro, T] batch."""
 
@@ -299,9 +307,13 @@ class SFTTrainer:
             self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, *BATCH_SPEC))
         self.params = params
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings)(params)
-        self._train_step = make_train_step(self.graphdef, self.optimizer, self.optimizer_config,
-                                           config.logits_chunk_size, self._param_shardings, self._opt_shardings)
-        self._eval_step = make_eval_step(self.graphdef, config.logits_chunk_size)
+        if mesh is None:
+            self._train_step, self._eval_step = _unsharded_steps(self.graphdef, self.optimizer_config,
+                                                                 config.logits_chunk_size)
+        else:
+            self._train_step = make_train_step(self.graphdef, self.optimizer, self.optimizer_config,
+                                               config.logits_chunk_size, self._param_shardings, self._opt_shardings)
+            self._eval_step = make_eval_step(self.graphdef, config.logits_chunk_size)
         self._sampler = None
         self.step = 0
 
