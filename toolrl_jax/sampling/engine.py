@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -140,6 +141,9 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     """
     if on_trace is not None:
         on_trace((prompt_ids.shape, spec))
+    chex.assert_rank([prompt_ids, prompt_segments, prompt_index], [2, 2, 1])
+    chex.assert_equal_shape([prompt_ids, prompt_segments])
+    chex.assert_equal(prompt_index.shape[0], prompt_ids.shape[0])
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
     n, budget = spec.num_samples, spec.max_new_tokens
