@@ -48,9 +48,10 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *,
                       temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Per-token log-prob of each response token and the policy entropy there, both [N, R] float32.
 
+    `params` is the model's state, or a tuple of partial states (e.g. trainable, frozen) merged in order.
     Token j of the response is predicted by the hidden state at column P + j - 1.
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     n, r = batch["response_ids"].shape
     chex.assert_shape(batch["input_ids"], (n, None))
     hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
