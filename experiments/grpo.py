@@ -9,9 +9,11 @@ position, PRNG). Metrics go to <run_dir>/metrics.jsonl and TensorBoard event fil
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
@@ -25,9 +27,11 @@ from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.datasets.batching import BatchingConfig, PromptDataset, chat_encoder
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
 from toolrl_jax.models.hf_io import copy_tokenizer_files, save_hf_model
-from toolrl_jax.rl.ppo import PolicyLossConfig
+from toolrl_jax.optim import OptimizerConfig
+from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
+from toolrl_jax.training.critic import CriticConfig
 from toolrl_jax.tokenization import stop_token_ids
-from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, last_layers_regex
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("toolrl_jax.grpo")
@@ -58,39 +62,126 @@ flags.DEFINE_bool("normalize_adv_by_std", True, "Divide group-centred rewards by
 flags.DEFINE_integer("val_every", 5, "Greedy validation every N steps (0 = never); also at step 0 and the end.")
 flags.DEFINE_integer("val_max_new_tokens", None, "Validation response budget (default max_response_length).")
 flags.DEFINE_integer("log_samples", 2, "Sample responses written to samples.jsonl per step.")
+flags.DEFINE_enum("algorithm", "grpo", ["grpo", "ppo"],
+                  "grpo: group-relative advantages (ToolRL). ppo: the paper's PPO baseline, a critic initialised from "
+                  "the policy with a value head, GAE advantages (use --group_size=1 for classic PPO rollouts).")
+flags.DEFINE_float("critic_lr", 1e-5, "PPO critic learning rate (constant, AdamW).")
+flags.DEFINE_float("value_clip", 0.5, "PPO value-function clip range around the old values.")
+flags.DEFINE_float("value_loss_coef", 0.5, "Weight of the clipped squared value error (veRL: 0.5).")
+flags.DEFINE_float("gae_gamma", 1.0, "PPO discount.")
+flags.DEFINE_float("gae_lambda", 1.0, "PPO GAE lambda.")
+flags.DEFINE_bool("whiten_advantages", True, "PPO: whiten advantages over the batch's response tokens.")
+flags.DEFINE_list("prompt_length_buckets", None,
+                  "Padded rollout prompt lengths, e.g. 256,320 (default: powers of two). Each compiles once.")
+flags.DEFINE_integer("train_last_layers", 0,
+                     "Train only the last N decoder layers and the final norm; embeddings and earlier layers stay "
+                     "frozen (0 = train every parameter). Cuts backward cost and optimizer memory on small machines.")
+flags.DEFINE_integer("sft_warmup_steps", 0,
+                     "Supervised steps on the training split's ground-truth turns before GRPO (0 = none): a cold "
+                     "start for models that never emit the ToolRL format. The warmed policy is saved to "
+                     "<run_dir>/warmup_model and reused by --resume.")
+flags.DEFINE_float("sft_warmup_lr", 1e-4, "Constant learning rate of the SFT warm-up.")
+flags.DEFINE_integer("sft_warmup_batch_size", 8, "Examples per SFT warm-up step.")
 flags.DEFINE_integer("reward_workers", 0, "Worker processes for reward scoring (0 = in-process).")
 
 
-def grpo_config_from_flags() -> GRPOConfig:
+def grpo_config_from_flags(num_layers: Optional[int] = None) -> GRPOConfig:
+    """The GRPOConfig the flags describe; --train_last_layers needs the model's layer count (None: not yet known)."""
+    trainable_regex = None
+    if FLAGS.train_last_layers and num_layers is not None:
+        trainable_regex = last_layers_regex(num_layers, FLAGS.train_last_layers)
     policy = PolicyLossConfig(clip_eps=FLAGS.clip_ratio, clip_eps_high=FLAGS.clip_ratio_high,
                               entropy_coef=FLAGS.entropy_coef, kl_loss_coef=FLAGS.kl_loss_coef,
                               kl_loss_type=FLAGS.kl_loss_type, agg_mode=FLAGS.loss_agg)
+    critic = CriticConfig(
+        optimizer=OptimizerConfig(learning_rate=FLAGS.critic_lr, weight_decay=FLAGS.weight_decay,
+                                  b1=FLAGS.adam_b1, b2=FLAGS.adam_b2,
+                                  max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None),
+        value=ValueLossConfig(cliprange_value=FLAGS.value_clip), value_loss_coef=FLAGS.value_loss_coef,
+        gamma=FLAGS.gae_gamma, lam=FLAGS.gae_lambda, whiten_advantages=FLAGS.whiten_advantages, seed=FLAGS.seed)
     return GRPOConfig(
-        prompts_per_step=FLAGS.prompts_per_step, group_size=FLAGS.group_size,
+        algorithm=FLAGS.algorithm, critic=critic, prompts_per_step=FLAGS.prompts_per_step, group_size=FLAGS.group_size,
         mini_batch_prompts=FLAGS.mini_batch_prompts, micro_batch_rows=FLAGS.micro_batch_rows,
         ppo_epochs=FLAGS.ppo_epochs, max_prompt_length=FLAGS.max_prompt_length,
         max_response_length=FLAGS.max_response_length, total_steps=FLAGS.total_steps,
         temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, kl_coef=FLAGS.kl_coef,
         kl_in_reward=FLAGS.kl_in_reward, recompute_old_logprobs=FLAGS.recompute_old_logprobs,
         normalize_adv_by_std=FLAGS.normalize_adv_by_std, policy=policy,
-        optimizer=optimizer_config_from_flags(FLAGS.total_steps), reward=reward_flags.reward_config_from_flags(),
+        optimizer=optimizer_config_from_flags(_total_updates()), reward=reward_flags.reward_config_from_flags(),
         val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, log_samples=FLAGS.log_samples,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=_int_list("prompt_length_buckets"))
 
 
-def _validate_flags() -> GRPOConfig:
-    validate_common_flags()
+def _total_updates() -> Optional[int]:
+    """Optimizer updates over the run (the lr schedule counts updates, several per GRPO step)."""
+    if FLAGS.mini_batch_prompts < 1 or FLAGS.prompts_per_step % FLAGS.mini_batch_prompts:
+        return None  # GRPOConfig names the problem
+    return FLAGS.total_steps * FLAGS.ppo_epochs * (FLAGS.prompts_per_step // FLAGS.mini_batch_prompts)
+
+
+def _int_list(name: str) -> Optional[tuple[int, ...]]:
+    values = getattr(FLAGS, name)
+    if values is None:
+        return None
     try:
-        return grpo_config_from_flags()
+        return tuple(sorted(int(v) for v in values))
+    except ValueError:
+        raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers") from None
+
+
+def _validate_flags(num_layers: Optional[int] = None) -> GRPOConfig:
+    """Checks the flags (before the model is loaded, num_layers=None; again with the model's layer count)."""
+    if FLAGS.train_last_layers < 0 or (num_layers is not None and FLAGS.train_last_layers > num_layers):
+        raise app.UsageError(f"--train_last_layers={FLAGS.train_last_layers}: the model has {num_layers} layers "
+                             "(use 0 to train all of them)")
+    if FLAGS.sft_warmup_steps < 0 or FLAGS.sft_warmup_batch_size < 1 or FLAGS.sft_warmup_lr <= 0:
+        raise app.UsageError("--sft_warmup_steps must be >= 0, --sft_warmup_batch_size >= 1 and --sft_warmup_lr > 0")
+    try:
+        return grpo_config_from_flags(num_layers)
     except ValueError as e:
         raise app.UsageError(f"invalid flags: {e}") from None
+
+
+def sft_warmup(model, tokenizer, examples, config: GRPOConfig, mesh, run_dir: Path, model_folder: Path,
+               param_shardings_fn) -> tuple[object, Path]:
+    """Runs (or reuses) the supervised warm-up; returns (warmed model, its HF folder).
+
+    The warmed weights are written as a Hugging Face folder and read back, so a fresh run and a resumed one start
+    GRPO from bit-identical weights (checkpoints hold only the trainable part of the policy).
+    """
+    folder = run_dir / "warmup_model"
+    if not (folder / "config.json").is_file():
+        from toolrl_jax.training.sft import SFTConfig, sft_train
+        sft_config = SFTConfig(
+            learning_rate=FLAGS.sft_warmup_lr, lr_schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
+            epochs=None, max_steps=FLAGS.sft_warmup_steps, batch_size=FLAGS.sft_warmup_batch_size,
+            micro_batch_size=min(FLAGS.sft_warmup_batch_size, config.micro_batch_rows),
+            max_length=config.max_prompt_length + config.max_response_length,
+            max_prompt_length=config.max_prompt_length, packing=True, seed=config.seed, log_every=1,
+            logits_chunk_size=256)
+        progress = ProgressBar(FLAGS.sft_warmup_steps, desc="sft warm-up", keys=("loss",))
+        model, history = sft_train(model, tokenizer, examples, sft_config, mesh=mesh,
+                                   on_step=lambda step, m: progress.update(step, m))
+        progress.close()
+        log.info("SFT warm-up: loss %.3f -> %.3f over %d steps", history[0]["loss"],
+                 history[-1]["loss"], len(history))
+        save_hf_model(model, folder, dtype=FLAGS.param_dtype)
+        if jax.process_index() == 0:
+            copy_tokenizer_files(model_folder, folder)
+    else:
+        log.info("reusing the SFT warm-up policy in %s", folder)
+    from toolrl_jax.models.hf_io import load_hf_model
+    _, model = load_hf_model(folder, shardings=param_shardings_fn, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype,
+                             remat=FLAGS.remat, attention_impl=FLAGS.attention_impl)
+    return model, folder
 
 
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
     logging.getLogger("toolrl_jax").setLevel(logging.INFO)
-    config = _validate_flags()
+    validate_common_flags()
+    _validate_flags()
     run_dir = Path(FLAGS.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and any(ckpt_dir.glob("*")) and not FLAGS.resume:
@@ -99,7 +190,11 @@ def main(argv: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh, place_batch, param_shardings_fn = make_mesh_and_placement()
     model_config, model, tokenizer, model_folder = load_model_and_tokenizer(param_shardings_fn)
+    config = _validate_flags(model_config.num_layers)
     train_examples, val_examples = load_split()
+    if FLAGS.sft_warmup_steps > 0:
+        model, _ = sft_warmup(model, tokenizer, train_examples, config, mesh, run_dir, model_folder,
+                              param_shardings_fn)
     encode = chat_encoder(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
     dataset = PromptDataset(train_examples, encode, BatchingConfig(
@@ -112,15 +207,13 @@ def main(argv: list[str]) -> None:
     if FLAGS.reward_workers > 0:
         from toolrl_jax.rewards.batch import make_reward_pool
         reward_pool = make_reward_pool(FLAGS.reward_workers)
-    param_shardings = opt_shardings_fn = None
+    shardings_fn = None
     if mesh is not None:
-        from toolrl_jax.sharding import param_shardings as shardings_for
-        from flax import nnx
-        param_shardings = shardings_for(nnx.state(model), mesh)
-        opt_shardings_fn = lambda tree: shardings_for(tree, mesh)  # noqa: E731
+        from toolrl_jax.sharding import param_shardings
+        shardings_fn = functools.partial(param_shardings, mesh=mesh)
     trainer = GRPOTrainer(model, config, tokenizer=tokenizer, pad_id=pad_id,
-                          stop_token_ids=stop_token_ids(tokenizer), mesh=mesh, param_shardings=param_shardings,
-                          opt_shardings_fn=opt_shardings_fn, place_batch=place_batch, reward_pool=reward_pool)
+                          stop_token_ids=stop_token_ids(tokenizer), mesh=mesh, shardings_fn=shardings_fn,
+                          place_batch=place_batch, reward_pool=reward_pool)
     del model
 
     checkpointer = Checkpointer(ckpt_dir, CheckpointConfig(save_every=FLAGS.save_every,

@@ -10,6 +10,7 @@ from toolrl_jax.models.hf_io import load_hf_model
 from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
 from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, stack_minibatches
+from toolrl_jax.training.sequences import join_prompt_and_response
 
 
 def _trainer(folder, **overrides) -> tuple[GRPOTrainer, list, list]:
@@ -68,3 +69,57 @@ def test_config_validation_names_the_problem():
         GRPOConfig(prompts_per_step=10, mini_batch_prompts=4)
     with pytest.raises(ValueError, match="micro_batch_rows"):
         GRPOConfig(prompts_per_step=8, mini_batch_prompts=4, group_size=3, micro_batch_rows=5)
+    with pytest.raises(ValueError, match="not a regex"):
+        GRPOConfig(trainable_regex="layers/(")
+
+
+def test_training_only_the_last_layer_leaves_the_rest_bit_identical(tiny_chat_model_dir):
+    from flax import nnx
+
+    from toolrl_jax.sharding import path_to_str
+    from toolrl_jax.training.grpo import last_layers_regex
+
+    _, reference = load_hf_model(tiny_chat_model_dir, dtype="float32")
+    num_layers = reference.config.num_layers
+    regex = last_layers_regex(num_layers, 1)
+    trainer, prompts, truths = _trainer(tiny_chat_model_dir, trainable_regex=regex, kl_coef=0.0)
+    trained_paths = {path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainer.params)}
+    assert trained_paths and all(p.startswith((f"layers/{num_layers - 1}/", "final_norm/")) for p in trained_paths)
+    assert set(trainer.train_state()) == {"params", "opt_state"}
+    trainer.train_step(prompts, truths, jax.random.key(0))
+    before = dict(jax.tree_util.tree_leaves_with_path(nnx.state(reference)))
+    after = dict(jax.tree_util.tree_leaves_with_path(nnx.state(trainer.model())))
+    assert before.keys() == after.keys()
+    moved = {path_to_str(k) for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert moved and moved <= trained_paths, moved - trained_paths
+    # The sampler decodes with the updated weights: greedy output equals a fresh sampler on the merged model.
+    from toolrl_jax.sampling.sampler import Sampler
+    cfg = trainer.sampling_config(greedy=True, max_new_tokens=6)
+    ours = trainer.sampler.generate(prompts[:2], cfg, jax.random.key(0))
+    fresh = Sampler(trainer.model(), pad_id=trainer.tokenizer.pad_token_id,
+                    stop_token_ids=trainer.sampler.stop_token_ids).generate(prompts[:2], cfg, jax.random.key(0))
+    np.testing.assert_array_equal(ours.response_ids, fresh.response_ids)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        _trainer(tiny_chat_model_dir, trainable_regex="^nothing$")
+
+
+def test_ppo_baseline_step_trains_actor_and_critic(tiny_chat_model_dir):
+    trainer, prompts, truths = _trainer(tiny_chat_model_dir, algorithm="ppo", group_size=1, mini_batch_prompts=2,
+                                        micro_batch_rows=1, kl_coef=0.001)
+    state0 = trainer.train_state()
+    assert set(state0) == {"params", "opt_state", "critic"}
+    critic_before = jax.tree.map(np.asarray, trainer.critic.train_state())
+    result = trainer.train_step(prompts, truths, jax.random.key(0))
+    m = result.metrics
+    for key in ("actor/pg_loss", "critic/vf_loss", "critic/grad_norm", "critic/values_mean", "advantage/abs_mean"):
+        assert np.isfinite(m[key]), key
+    # The value head starts at zero: the first mini-batch's values are 0 (the second sees one critic update).
+    rows = join_prompt_and_response(result.samples.prompt_ids, result.samples.prompt_mask,
+                                    result.samples.response_ids, result.samples.response_mask)
+    fresh, _, _ = _trainer(tiny_chat_model_dir, algorithm="ppo", group_size=1, mini_batch_prompts=2,
+                           micro_batch_rows=1)
+    assert np.all(fresh.critic.values(rows, 2) == 0.0)
+    critic_after = jax.tree.map(np.asarray, trainer.critic.train_state())
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(critic_before), jax.tree.leaves(critic_after)))
+    # A second step sees non-zero values from the updated head.
+    assert np.any(trainer.critic.values(rows, 2) != 0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,6 +30,7 @@ from toolrl_jax.rl.masked import masked_mean
 from toolrl_jax.rl.ppo import PolicyLossConfig, actor_loss, count_normalizers
 from toolrl_jax.sampling.config import SamplingConfig
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
+from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,16 @@ class GRPOConfig:
     kl_in_reward: bool = True  # the original: reward - beta * sum(logp_old - logp_ref) (k1)
     recompute_old_logprobs: bool = True  # False: use the sampler's log-probs as the old policy
     normalize_adv_by_std: bool = True
+    # "grpo": group-relative advantages; "ppo": the paper's PPO baseline (a critic with a value head, GAE).
+    algorithm: str = "grpo"
+    critic: CriticConfig = CriticConfig()
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     reward: RewardConfig = RewardConfig()
+    # Padded prompt lengths of rollouts (None: powers of two). Each distinct length compiles the sampler's prefill,
+    # the log-prob pass and the update once; a short list bounds compilation, a fine one bounds padding.
+    prompt_length_buckets: Optional[tuple[int, ...]] = None
+    trainable_regex: Optional[str] = None  # train only parameters whose path matches (None = all)
     val_every: int = 5
     val_max_new_tokens: Optional[int] = None  # None = max_response_length
     log_samples: int = 2
@@ -76,7 +85,17 @@ class GRPOConfig:
              f"({self.micro_batch_rows})")
         need(self.ppo_epochs >= 1 and self.total_steps >= 1, "ppo_epochs and total_steps must be >= 1")
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        need(self.algorithm in ("grpo", "ppo"), f"algorithm must be 'grpo' or 'ppo', got {self.algorithm!r}")
         need(self.max_prompt_length >= 1 and self.max_response_length >= 1, "max lengths must be >= 1")
+        if self.prompt_length_buckets is not None:
+            need(max(self.prompt_length_buckets) >= self.max_prompt_length,
+                 f"the largest prompt_length_bucket ({max(self.prompt_length_buckets)}) must be >= max_prompt_length "
+                 f"({self.max_prompt_length})")
+        if self.trainable_regex is not None:
+            try:
+                re.compile(self.trainable_regex)
+            except re.error as e:
+                raise ValueError(f"GRPOConfig: trainable_regex {self.trainable_regex!r} is not a regex: {e}") from None
 
     @property
     def needs_reference(self) -> bool:
@@ -95,17 +114,18 @@ def make_logprob_fn(graphdef: nnx.GraphDef) -> Callable[[Any, dict], tuple[jax.A
 
 def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
                    policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None):
-    """jit(params, opt_state, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
+    """jit(params, opt_state, frozen, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
 
-    minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of `join_prompt_and_response` plus
-    old_logp, advantages (and ref_logp when the KL loss is on).
+    params: the trainable state; frozen: the rest of the model's state (an empty State when everything trains),
+    merged after params. minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of
+    `join_prompt_and_response` plus old_logp, advantages (and ref_logp when the KL loss is on).
     """
 
-    def update(params, opt_state, minibatch):
+    def update(params, opt_state, frozen, minibatch):
         normalizers = count_normalizers(minibatch["response_mask"].reshape(-1, minibatch["response_mask"].shape[-1]))
 
         def loss_fn(p, micro):
-            logp, entropy = response_logprobs(graphdef, p, micro)
+            logp, entropy = response_logprobs(graphdef, (p, frozen), micro)
             return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
                               policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
 
@@ -162,42 +182,78 @@ class StepResult:
     samples: SampleOutput
 
 
+def trainable_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
+    """An nnx filter selecting parameters whose '/'-joined path matches `regex` (search); None selects all."""
+    if regex is None:
+        return lambda path, value: True
+    pattern = re.compile(regex)
+    return lambda path, value: bool(pattern.search("/".join(str(p) for p in path)))
+
+
+def last_layers_regex(num_layers: int, k: int) -> str:
+    """Trainable-parameter regex for the last k decoder layers plus the final norm (embeddings stay frozen)."""
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"last k layers: k must be in [1, {num_layers}], got {k}")
+    ids = "|".join(str(i) for i in range(num_layers - k, num_layers))
+    return rf"^(layers/({ids})/|final_norm/)"
+
+
 class GRPOTrainer:
     """Holds the policy (params + optimizer state), the frozen reference, the sampler and the jitted steps."""
 
     def __init__(self, model: CausalLM, config: GRPOConfig, *, tokenizer: Any, pad_id: int,
-                 stop_token_ids: Sequence[int], mesh: Any = None, param_shardings: Any = None,
-                 opt_shardings_fn: Optional[Callable[[Any], Any]] = None,
+                 stop_token_ids: Sequence[int], mesh: Any = None,
+                 shardings_fn: Optional[Callable[[Any], Any]] = None,
                  place_batch: Optional[Callable[[dict], dict]] = None, reward_pool: Any = None):
+        """shardings_fn maps a state pytree (arrays or ShapeDtypeStructs) to its shardings under `mesh` (e.g.
+        `functools.partial(toolrl_jax.sharding.param_shardings, mesh=mesh)`); None = single device."""
         self.config = config
         self.tokenizer = tokenizer
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, params, self.frozen = nnx.split(model, trainable_filter(config.trainable_regex), ...)
+        if not jax.tree.leaves(params):
+            raise ValueError(f"GRPOConfig.trainable_regex={config.trainable_regex!r} matches no parameter")
         self.params = params
         self.optimizer = make_optimizer(config.optimizer)
-        opt_init = jax.jit(self.optimizer.init, out_shardings=None if opt_shardings_fn is None else
-                           opt_shardings_fn(jax.eval_shape(self.optimizer.init, params)))
-        self.opt_state = opt_init(params)
-        # The reference policy is a frozen copy of the initial weights (kept only when a KL term needs it).
+        param_shardings = opt_shardings = None
+        if shardings_fn is not None:
+            param_shardings = shardings_fn(params)
+            opt_shardings = shardings_fn(jax.eval_shape(self.optimizer.init, params))
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        # The reference policy is a frozen copy of the initial trainable weights (kept only when a KL term needs it).
         self.ref_params = jax.tree.map(jnp.copy, params) if config.needs_reference else None
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer, mesh=mesh)
+        self.critic = None
+        if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
+            self.critic = Critic(model, config.critic, trainable_regex=config.trainable_regex,
+                                 shardings_fn=shardings_fn, place_batch=place_batch)
         self.logprob_fn = make_logprob_fn(self.graphdef)
-        opt_shardings = None if opt_shardings_fn is None else opt_shardings_fn(self.opt_state)
         self.update_fn = make_update_fn(self.graphdef, self.optimizer, config.optimizer, config.policy,
                                         param_shardings, opt_shardings)
         self.place = place_batch or (lambda b: b)
         self.reward_pool = reward_pool
         self.step = 0
 
+    @property
+    def num_trainable(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
     # ------------------------------------------------------------------ state for checkpoints
     def train_state(self) -> dict[str, Any]:
-        return {"params": self.params, "opt_state": self.opt_state}
+        """What a checkpoint holds: the trainable params and the optimizer state (frozen weights come from the
+        model folder)."""
+        state = {"params": self.params, "opt_state": self.opt_state}
+        if self.critic is not None:
+            state["critic"] = self.critic.train_state()
+        return state
 
     def load_train_state(self, state: dict[str, Any], step: int) -> None:
         self.params, self.opt_state, self.step = state["params"], state["opt_state"], int(step)
-        self.sampler.update_params(self.params)
+        if self.critic is not None:
+            self.critic.load_train_state(state["critic"])
+        self.sampler.update_params(self.model())
 
     def model(self) -> CausalLM:
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.params, self.frozen)
 
     # ------------------------------------------------------------------ one step
     def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
@@ -205,7 +261,8 @@ class GRPOTrainer:
         return SamplingConfig(
             max_new_tokens=max_new_tokens or c.max_response_length, temperature=0.0 if greedy else c.temperature,
             top_p=1.0 if greedy else c.top_p, top_k=0 if greedy else c.top_k, num_samples=1 if greedy else
-            c.group_size, max_prompts_per_batch=max(1, min(64, c.prompts_per_step)))
+            c.group_size, max_prompts_per_batch=max(1, min(64, c.prompts_per_step)),
+            prompt_length_buckets=c.prompt_length_buckets)
 
     def score(self, samples: SampleOutput, ground_truths: Sequence[str], step: int) -> RewardBatch:
         n = samples.num_samples
@@ -230,14 +287,15 @@ class GRPOTrainer:
                                         samples.response_mask)
         mask = rows["response_mask"]
         if c.recompute_old_logprobs:
-            old_logp, old_entropy = batched_logprobs(self.logprob_fn, self.params, rows, c.micro_batch_rows,
-                                                     self.place)
+            old_logp, old_entropy = batched_logprobs(self.logprob_fn, (self.params, self.frozen), rows,
+                                                     c.micro_batch_rows, self.place)
         else:
             old_logp, old_entropy = samples.logprobs.astype(np.float32), np.zeros_like(mask)
         old_logp = old_logp * mask
         ref_logp = None
         if self.ref_params is not None:
-            ref_logp, _ = batched_logprobs(self.logprob_fn, self.ref_params, rows, c.micro_batch_rows, self.place)
+            ref_logp, _ = batched_logprobs(self.logprob_fn, (self.ref_params, self.frozen), rows,
+                                           c.micro_batch_rows, self.place)
             ref_logp = ref_logp * mask
         outcome = jnp.asarray(rewards.total, jnp.float32)
         if c.kl_in_reward and ref_logp is not None:
@@ -245,9 +303,19 @@ class GRPOTrainer:
                                          c.kl_coef)
         else:
             scores = outcome
-        adv = grpo_advantages(scores, c.group_size, normalize_by_std=c.normalize_adv_by_std)
-        token_adv = np.asarray(broadcast_to_tokens(adv, jnp.asarray(mask)))
-        train_rows = dict(rows, old_logp=old_logp.astype(np.float32), advantages=token_adv.astype(np.float32))
+        train_rows = dict(rows, old_logp=old_logp.astype(np.float32))
+        if self.critic is None:
+            adv = grpo_advantages(scores, c.group_size, normalize_by_std=c.normalize_adv_by_std)
+            token_adv = np.asarray(broadcast_to_tokens(adv, jnp.asarray(mask)))
+        else:  # GAE over token rewards: outcome at the last token, minus the per-token KL when folded in
+            values = self.critic.values(rows, c.micro_batch_rows)
+            fold = c.kl_in_reward and ref_logp is not None
+            token_adv, returns = self.critic.advantages(outcome, mask, values, old_logp if fold else None,
+                                                        ref_logp if fold else None, c.kl_coef if fold else 0.0)
+            token_adv = np.asarray(token_adv)
+            adv = jnp.asarray(token_adv.sum(1) / np.maximum(mask.sum(1), 1))  # per-row mean, for logging
+            train_rows.update(old_values=np.asarray(values, np.float32), returns=np.asarray(returns, np.float32))
+        train_rows["advantages"] = token_adv.astype(np.float32)
         if c.policy.kl_loss_coef > 0:
             train_rows["ref_logp"] = ref_logp.astype(np.float32)
         t_prep = time.perf_counter()
@@ -256,14 +324,18 @@ class GRPOTrainer:
         rows_per_mb = c.mini_batch_prompts * c.group_size
         for _ in range(c.ppo_epochs):
             for mb in stack_minibatches(train_rows, rows_per_mb, c.micro_batch_rows):
-                self.params, self.opt_state, m = self.update_fn(self.params, self.opt_state, self.place(mb))
+                self.params, self.opt_state, m = self.update_fn(self.params, self.opt_state, self.frozen,
+                                                                self.place(mb))
+                if self.critic is not None:
+                    m = {**m, **self.critic.update(mb)}
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
-        self.sampler.update_params(self.params)
+        self.sampler.update_params(self.model())
         t_train = time.perf_counter()
         self.step = step
 
-        metrics = {f"actor/{k}": float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+        metrics = {k if k.startswith("critic/") else f"actor/{k}": float(np.mean([m[k] for m in update_metrics]))
+                   for k in update_metrics[0]}
         metrics.update(rewards.metrics("reward/"))
         for name in ("total", "format", "correctness", "length"):
             metrics[f"reward/{name}_std"] = float(np.std(getattr(rewards, name)))
@@ -275,8 +347,6 @@ class GRPOTrainer:
             "prompt/length_mean": float(samples.prompt_mask.sum(1).mean()),
             "score/mean": float(jnp.mean(scores)),
             "advantage/abs_mean": float(jnp.mean(jnp.abs(adv))),
-            "entropy/rollout": float(masked_mean(jnp.asarray(old_entropy), jnp.asarray(mask))) if
-            c.recompute_old_logprobs else float("nan"),
             "time/generate_s": t_gen - t0,
             "time/score_s": t_score - t_gen,
             "time/logprob_s": t_prep - t_score,
@@ -286,6 +356,8 @@ class GRPOTrainer:
             "throughput/train_tokens_per_s": float(rows["segment_ids"].astype(bool).sum()) * c.ppo_epochs
             / max(t_train - t_prep, 1e-9),
         })
+        if c.recompute_old_logprobs:  # the sampler does not return entropies
+            metrics["entropy/rollout"] = float(masked_mean(jnp.asarray(old_entropy), jnp.asarray(mask)))
         if ref_logp is not None:
             metrics["kl/old_ref_k1"] = float((old_logp - ref_logp).sum() / max(n_tokens, 1.0))
         if not np.isfinite(metrics["actor/actor_loss"]):
