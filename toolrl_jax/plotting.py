@@ -1,0 +1,271 @@
+"""Curves and summary tables across runs: reads each run's metrics.jsonl (toolrl_jax/metrics.py), writes one PNG per
+metric with one curve per run, and a Markdown table comparing runs in the layout of the paper's ablation tables.
+
+A step may appear on several lines (the training row and the validation row of the same step, or lines rewritten
+after a resume); they are merged per step, a later line's value winning. Non-finite values are left out of plots and
+tables. A run evaluated with `python -m experiments.evaluate --model=<run_dir>/export --out=<run_dir>/eval` also gets
+its benchmark scores (BFCL v3 overall, API-Bank overall, Bamboogle accuracy) in the table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_SUMMARY = "summary.json"
+REWARD_COMPONENTS = ("total", "format", "correctness", "length", "accuracy")
+DEFAULT_METRICS = tuple(f"reward/{c}" for c in REWARD_COMPONENTS) + tuple(f"val/{c}" for c in REWARD_COMPONENTS) + (
+    "response/length_mean", "kl/old_ref_k1", "actor/entropy", "actor/grad_norm")
+# (column header, path into the evaluation summary.json): the paper's headline benchmark numbers, as fractions.
+BENCHMARK_COLUMNS = (("BFCL overall", ("bfcl", "groups", "overall")),
+                     ("API-Bank overall", ("api_bank", "toolrl", "overall")),
+                     ("Bamboogle acc.", ("bamboogle", "accuracy")))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLog:
+    """One run's logged scalars: metric -> ((step, value), ...) ascending in step, finite values only."""
+
+    name: str
+    run_dir: Path
+    series: Mapping[str, tuple[tuple[int, float], ...]]
+    eval_summary: Optional[Mapping[str, Any]] = None
+
+    def steps(self, metric: str) -> list[int]:
+        return [s for s, _ in self.series.get(metric, ())]
+
+    def values(self, metric: str) -> list[float]:
+        return [v for _, v in self.series.get(metric, ())]
+
+
+def read_metrics(path: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} of a metrics.jsonl, merging lines of the same step (later lines win).
+
+    A torn last line (a run killed mid-write) is skipped with a warning; any other malformed line is an error
+    naming the file and line.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    by_step: dict[int, dict[str, float]] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(f"step {step!r} is not an integer")
+        except (ValueError, KeyError, TypeError) as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                logger.warning("%s:%d: skipping a torn last line", path, lineno)
+                continue
+            raise ValueError(f"{path}:{lineno}: not a metrics record ({e})") from None
+        row = by_step.setdefault(step, {})
+        for key, value in record.items():
+            if key in ("step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            row[key] = float(value)
+    return by_step
+
+
+def load_run(run_dir: str | os.PathLike, name: Optional[str] = None, eval_subdir: Optional[str] = "eval") -> RunLog:
+    """A run's metrics (and its evaluation summary, if `<run_dir>/<eval_subdir>/summary.json` exists)."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (has the run started?)")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, row in sorted(read_metrics(path).items()):
+        for key, value in row.items():
+            if math.isfinite(value):
+                series.setdefault(key, []).append((step, value))
+    eval_summary = None
+    if eval_subdir:
+        summary_path = run_dir / eval_subdir / EVAL_SUMMARY
+        if summary_path.is_file():
+            eval_summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return RunLog(name=name or run_dir.name, run_dir=run_dir,
+                  series={k: tuple(v) for k, v in series.items()}, eval_summary=eval_summary)
+
+
+def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
+    """The sweep's run folders that hold metrics: in the sweep manifest's order, then any others by name."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    ordered: list[Path] = []
+    manifest = sweep_dir / "sweep.json"
+    if manifest.is_file():
+        ordered = [sweep_dir / n for n in json.loads(manifest.read_text(encoding="utf-8")).get("runs", [])]
+    ordered += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p not in ordered)
+    return [p for p in ordered if (p / METRICS_FILE).is_file()]
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    label: str
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotResult:
+    """A written PNG and exactly what was drawn in it (also stored in the PNG's 'Description' text chunk)."""
+
+    metric: str
+    path: Path
+    curves: tuple[Curve, ...]
+
+
+def metric_filename(metric: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in metric) + ".png"
+
+
+def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike, *,
+                title: Optional[str] = None) -> PlotResult:
+    """One PNG of `metric` against step with one curve per run that logged it (Agg, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = tuple(Curve(run.name, tuple(run.steps(metric)), tuple(run.values(metric)))
+                   for run in runs if run.series.get(metric))
+    if not curves:
+        raise ValueError(f"no run logged {metric!r}")
+    fig = Figure(figsize=(7.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for curve in curves:
+        ax.plot(curve.steps, curve.values, label=curve.label, marker="o" if len(curve.steps) <= 30 else None,
+                markersize=3, linewidth=1.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    description = json.dumps({"metric": metric, "curves": [dataclasses.asdict(c) for c in curves]})
+    fig.savefig(out_path, format="png", metadata={"Description": description})
+    return PlotResult(metric, out_path, curves)
+
+
+def plot_runs(runs: Sequence[RunLog], out_dir: str | os.PathLike,
+              metrics: Optional[Sequence[str]] = None) -> list[PlotResult]:
+    """One PNG per metric (default: DEFAULT_METRICS) that at least one run logged."""
+    wanted = DEFAULT_METRICS if metrics is None else tuple(metrics)
+    present = [m for m in wanted if any(run.series.get(m) for run in runs)]
+    if metrics is not None and len(present) < len(wanted):
+        missing = [m for m in wanted if m not in present]
+        raise ValueError(f"no run logged {missing}")
+    return [plot_metric(runs, m, Path(out_dir) / metric_filename(m)) for m in present]
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """The numbers of one table row (None where the run did not log them)."""
+
+    name: str
+    last_step: Optional[int]  # last training step logged
+    val_accuracy_final: Optional[float]
+    val_accuracy_best: Optional[float]
+    val_accuracy_best_step: Optional[int]
+    val_reward_final: Optional[float]
+    train: Mapping[str, Optional[float]]  # reward component -> mean over the last `window` training steps
+    benchmarks: Mapping[str, Optional[float]]  # BENCHMARK_COLUMNS header -> score (fraction)
+
+
+def _tail_mean(values: Sequence[float], window: int) -> Optional[float]:
+    tail = list(values)[-window:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _dig(tree: Any, path: Sequence[str]) -> Optional[float]:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return float(tree) if isinstance(tree, (int, float)) and not isinstance(tree, bool) else None
+
+
+def summarize_run(run: RunLog, window: int = 1) -> RunSummary:
+    """Final (mean of the last `window` training steps) reward components, final and best validation accuracy."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    val = run.series.get("val/accuracy", ())
+    best = max(val, key=lambda sv: sv[1]) if val else None  # first step reaching the best value
+    train_steps = run.steps("reward/total")
+    val_reward = run.values("val/total")
+    return RunSummary(
+        name=run.name,
+        last_step=train_steps[-1] if train_steps else None,
+        val_accuracy_final=val[-1][1] if val else None,
+        val_accuracy_best=best[1] if best else None,
+        val_accuracy_best_step=best[0] if best else None,
+        val_reward_final=val_reward[-1] if val_reward else None,
+        train={c: _tail_mean(run.values(f"reward/{c}"), window) for c in REWARD_COMPONENTS},
+        benchmarks={header: _dig(run.eval_summary, path) if run.eval_summary else None
+                    for header, path in BENCHMARK_COLUMNS},
+    )
+
+
+def _pct(x: Optional[float]) -> str:
+    return "N/A" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: Optional[float]) -> str:
+    return "N/A" if x is None else f"{x:.3f}"
+
+
+def markdown_table(summaries: Sequence[RunSummary], window: int = 1) -> str:
+    """Runs as rows, the paper's ablation-table style: validation accuracy (%), final reward components, and the
+    benchmark scores (%) when any run has them. The best value of each score column is bold."""
+    columns: list[tuple[str, Any, Any]] = [  # header, value getter, formatter
+        ("Val acc. % (final)", lambda s: s.val_accuracy_final, _pct),
+        ("Val acc. % (best)", lambda s: s.val_accuracy_best, _pct),
+        ("Val reward", lambda s: s.val_reward_final, _num),
+        ("Reward", lambda s: s.train["total"], _num),
+        ("Format", lambda s: s.train["format"], _num),
+        ("Correctness", lambda s: s.train["correctness"], _num),
+        ("Length", lambda s: s.train["length"], _num),
+        ("Train acc. %", lambda s: s.train["accuracy"], _pct),
+    ]
+    if any(v is not None for s in summaries for v in s.benchmarks.values()):
+        columns += [(f"{h} %", (lambda s, h=h: s.benchmarks[h]), _pct) for h, _ in BENCHMARK_COLUMNS]
+    header = ["Run", "Steps"] + [c[0] for c in columns]
+    rows = []
+    for s in summaries:
+        row = [s.name, "N/A" if s.last_step is None else str(s.last_step)]
+        for _, get, fmt in columns:
+            value = get(s)
+            cell = fmt(value)
+            shown = {fmt(get(o)) for o in summaries if get(o) is not None}
+            if value is not None and len(shown) > 1 and cell == fmt(max(get(o) for o in summaries
+                                                                        if get(o) is not None)):
+                cell = f"**{cell}**"
+            row.append(cell)
+        if s.val_accuracy_best_step is not None:
+            row[3] += f" @ {s.val_accuracy_best_step}"
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    what = "the last training step" if window == 1 else f"the mean of the last {window} training steps"
+    note = (f"Reward columns: {what} (rollout rewards, sampled). Validation: greedy decoding on the held-out split; "
+            "'best' gives the step. Bold: the best run in a column where runs differ.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
