@@ -173,21 +173,23 @@ def synthetic_rows(batch: int, seq_len: int, response_len: int, vocab: int, seed
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events) while active."""
+    """Counts XLA backend compilations (jax.monitoring events): `count` while active, `total` since creation (a
+    total of 0 after compiling something would mean the event is not reported and `count` proves nothing)."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
 
     def __init__(self):
         import jax.monitoring
 
-        self.count = 0
+        self.count = self.total = 0
         self.active = False
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **kwargs) -> None:
         del duration, kwargs
-        if self.active and event == self.EVENT:
-            self.count += 1
+        if event == self.EVENT:
+            self.total += 1
+            self.count += int(self.active)
 
 
 def _jax_peak() -> tuple[int, str, str]:
@@ -288,6 +290,7 @@ def _worker_jax(model_name: str, variant: str) -> dict[str, Any]:
         "step_s": step_s, "step_s_all": times, "tokens_per_s": tokens / step_s,
         "mfu": mfu(config.num_params, tokens / step_s, _PEAK.value), "peak_flops": _PEAK.value,
         "compile_s": compile_s, "init_s": init_s, "compiles_during_timed_steps": counter.count,
+        "compiles_total": counter.total,
         "loss_first": losses[0], "loss_last": losses[-1], "grad_norm_last": float(metrics["grad_norm"]),
         "peak_bytes": peak, "peak_kind": peak_kind, "device": device, "jax": jax.__version__,
         "predicted_peak_bytes": predicted["peak"], "predicted": predicted,

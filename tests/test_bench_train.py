@@ -60,7 +60,7 @@ def test_train_step_smoke_ours_and_pytorch_on_the_same_weights(tmp_path):
     # Same weights and tokens: the GRPO loss before the first update agrees across frameworks (bf16 compute).
     assert ours["loss_first_minus_torch"] == pytest.approx(0.0, abs=5e-3)
     assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"] / torch_row["tokens_per_s"])
-    assert ours["compiles_during_timed_steps"] == 0
+    assert ours["compiles_during_timed_steps"] == 0 and ours["compiles_total"] > 0  # the counter does count
     # The compiled step's arguments hold exactly the predicted params + optimizer state (plus the batch).
     assert ours["compiled_memory"]["argument_size_in_bytes"] > ours["predicted"]["state"]
     assert ours["compiled_memory"]["alias_size_in_bytes"] == ours["predicted"]["state"]  # donated in place
