@@ -199,6 +199,10 @@ def test_mesh_recommendations_for_the_documented_examples():
     ests = {e.mesh: e for e in mm.recommend_mesh(mm.model_config("qwen2.5-7b"), 8, 80).candidates}
     assert ests[(1, 8, 1)].state_bytes < ests[(2, 4, 1)].state_bytes < ests[(8, 1, 1)].state_bytes
     assert ests[(1, 1, 8)].problems and not ests[(1, 2, 4)].problems
+    from toolrl_jax.sharding import MeshConfig
+
+    assert mm.estimate(mm.model_config("qwen2.5-7b"), mesh=MeshConfig(data=2, fsdp=-1), num_devices=8).as_dict() == \
+        mm.estimate(mm.model_config("qwen2.5-7b"), mesh=(2, 4, 1)).as_dict()
 
 
 def test_memory_plan_cli(tmp_path):

@@ -7,7 +7,7 @@ tensor), following what this codebase actually allocates:
   them in the parameter dtype), gradients (the `lax.scan` accumulator plus the micro-batch gradient being added), the
   compute-dtype weight copies that autodiff saves for the backward pass, the optimizer's update temporaries, the frozen
   reference copy GRPO keeps for its KL term, and the Sampler's compute-dtype copy used for decoding.
-* Per token: the activations autodiff saves for the backward pass (the residual set of `jax.vjp` through
+* Per token: the activations autodiff saves for the backward pass (the residual set of a jitted `jax.vjp` through
   `response_logprobs`, counted term by term below; `remat` keeps only each layer's input), the vocabulary-sized
   log-softmax buffers of response tokens, and the KV cache of rollout sampling.
 
@@ -23,12 +23,13 @@ import math
 from typing import Optional, Sequence
 
 from toolrl_jax.models.config import PRESETS, ModelConfig
-from toolrl_jax.sharding import DEFAULT_RULES, PartitionRules, partition_spec
+from toolrl_jax.sharding import DEFAULT_RULES, MeshConfig, PartitionRules, partition_spec
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # make_optimizer's state scalars: three int32 step counts (inject_hyperparams, its schedule, scale_by_adam) and six
-# float32 injected hyperparameters (learning_rate, b1, b2, eps, eps_root, weight_decay).
+# injected hyperparameters (learning_rate, b1, b2, eps, eps_root, weight_decay), 4 bytes each with fp32 weights
+# (optax stores them in the parameter dtype).
 ADAMW_SCALAR_BYTES = 3 * 4 + 6 * 4
 # Optimizer update temporaries (the `updates` tree and moment updates that are not written in place), as a fraction
 # of the parameter bytes; measured from compiled update steps on CPU (2.49x param bytes of temporaries with fp32
@@ -228,9 +229,9 @@ def _dims(config: ModelConfig, tensor: int) -> dict[str, float]:
 def layer_activation_bytes_per_token(config: ModelConfig, seq_len: int, tensor: int = 1) -> float:
     """Bytes one decoder layer saves for its backward pass per token, without remat (the autodiff residuals).
 
-    Compute dtype (c bytes): the layer input, both norm outputs, the mid-layer residual, q, k, v, rope cos/sin, the
-    attention output and the SwiGLU intermediates (gate, up, three from silu, their product); float32: both norms'
-    normalised activations and statistics. Attention with the XLA einsum path also keeps the [heads, seq_len] mask,
+    Compute dtype (c bytes): four hidden-size activations (norm outputs and residual-stream values), q, k, v, rope
+    cos/sin, the attention output and the SwiGLU intermediates (gate, up, three from silu, their product); float32:
+    both norms' normalised activations and statistics. Attention with the XLA einsum path also keeps the [heads, seq_len] mask,
     float32 scores and probabilities, their compute-dtype copy and softmax sums; cuDNN's fused kernel keeps only
     the softmax statistics.
     """
@@ -314,8 +315,14 @@ class MemoryEstimate:
 
 
 def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
-             mesh: tuple[int, int, int] = (1, 1, 1), cache_dtype: Optional[str] = None) -> MemoryEstimate:
-    """Per-device bytes of a GRPO step for `config` on a (data, fsdp, tensor) mesh."""
+             mesh: tuple[int, int, int] | MeshConfig = (1, 1, 1), cache_dtype: Optional[str] = None,
+             num_devices: Optional[int] = None) -> MemoryEstimate:
+    """Per-device bytes of a GRPO step for `config` on a (data, fsdp, tensor) mesh, given as sizes or as a
+    `MeshConfig` resolved for `num_devices`."""
+    if isinstance(mesh, MeshConfig):
+        if num_devices is None:
+            raise ValueError("estimate: a MeshConfig needs num_devices")
+        mesh = mesh.resolve(num_devices)
     data, fsdp, tensor = mesh
     if min(mesh) < 1:
         raise ValueError(f"mesh sizes must be >= 1, got {mesh}")
