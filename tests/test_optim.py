@@ -111,3 +111,16 @@ def test_config_validation():
         OptimizerConfig(schedule="cosine")
     with pytest.raises(ValueError, match="max_grad_norm"):
         OptimizerConfig(max_grad_norm=0.0)
+
+
+def test_bfloat16_params_keep_float32_hyperparameters():
+    """In bf16, b2 = 0.999 rounds to 1.0 and Adam's bias correction divides by zero: the state must stay float32."""
+    cfg = OptimizerConfig(learning_rate=1e-3, weight_decay=0.0)
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.array([1.0, -2.0], jnp.bfloat16)}
+    state = opt.init(params)
+    assert state[1].hyperparams["b2"].dtype == jnp.float32
+    new, _, _ = apply_gradients(opt, cfg, {"w": jnp.array([0.5, -0.25], jnp.bfloat16)}, state, params)
+    assert new["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(new["w"], np.float32), [0.999, -1.999], atol=4e-3)
+    assert np.all(np.isfinite(np.asarray(new["w"], np.float32)))

@@ -82,7 +82,8 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm (optional) followed by AdamW with an injected (loggable) learning rate."""
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+    # Hyper-parameters stay float32 whatever the parameter dtype (in bf16, b2 = 0.999 would round to 1.0).
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",), hyperparam_dtype=jnp.float32)(
         learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
         mask=None if cfg.decay_all_params else decay_mask)
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else optax.identity()
