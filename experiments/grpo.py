@@ -228,7 +228,8 @@ def main(argv: list[str]) -> None:
         dataset.restore(restored.data_state)
         start_step = restored.step
         log.info("resumed from step %d (%s)", start_step, ckpt_dir)
-    metrics_writer = MetricsWriter(run_dir, resume_step=start_step)
+    # A restart before the first checkpoint starts over: drop whatever the earlier attempt logged (step-0 rows too).
+    metrics_writer = MetricsWriter(run_dir, resume_step=start_step if start_step > 0 else -1)
     (run_dir / "flags.txt").write_text(FLAGS.flags_into_string())
     (run_dir / "config.json").write_text(json.dumps({"model": str(model_folder), "grpo": repr(config)}, indent=2))
 

@@ -39,13 +39,18 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return by_step
 
 
+# The default flagfile's features ride along: an SFT warm-up (saved, then reused on resume) and a trainable subset.
+_WARM = ("--sft_warmup_steps=2", "--sft_warmup_batch_size=4", "--train_last_layers=1")
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tiny_chat_model_dir, tmp_path):
     straight = tmp_path / "straight"
-    _run(_grpo_command(tiny_chat_model_dir, straight))
+    _run(_grpo_command(tiny_chat_model_dir, straight, *_WARM))
+    assert (straight / "warmup_model" / "model.safetensors").is_file()
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_grpo_command(tiny_chat_model_dir, killed), cwd=REPO_ROOT,
+    proc = subprocess.Popen(_grpo_command(tiny_chat_model_dir, killed, *_WARM), cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
@@ -55,10 +60,12 @@ def test_killed_run_resumes_exactly(tiny_chat_model_dir, tmp_path):
     proc.wait()
     assert not (killed / "export").exists(), "the run was killed before it finished"
     # Resuming without --resume must refuse to overwrite the run.
-    refused = subprocess.run(_grpo_command(tiny_chat_model_dir, killed), cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=600)
+    refused = subprocess.run(_grpo_command(tiny_chat_model_dir, killed, *_WARM), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "--resume" in refused.stderr
-    _run(_grpo_command(tiny_chat_model_dir, killed, "--resume"))
+    warm_mtime = (killed / "warmup_model" / "model.safetensors").stat().st_mtime_ns
+    _run(_grpo_command(tiny_chat_model_dir, killed, *_WARM, "--resume"))
+    assert (killed / "warmup_model" / "model.safetensors").stat().st_mtime_ns == warm_mtime, "warm-up re-ran"
 
     a, b = _metrics(straight), _metrics(killed)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]
@@ -76,6 +83,12 @@ def test_invalid_flags_are_named(tiny_chat_model_dir, tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "mini_batch_prompts" in proc.stderr
+    proc = subprocess.run(_grpo_command(tiny_chat_model_dir, tmp_path / "r", "--train_last_layers=99"),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--train_last_layers=99: the model has" in proc.stderr
+    proc = subprocess.run(_grpo_command(tiny_chat_model_dir, tmp_path / "r", "--prompt_length_buckets=64,x"),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--prompt_length_buckets=64,x" in proc.stderr
     proc = subprocess.run(_grpo_command(tmp_path / "missing", tmp_path / "r"), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--model=" in proc.stderr
