@@ -22,6 +22,8 @@ flags.DEFINE_list("runs", None, "Run directories to compare (instead of --sweep_
 flags.DEFINE_string("out", None, "Output folder (default <sweep_dir>/plots).")
 flags.DEFINE_list("metrics", None, "Metrics to plot (default: reward and validation components, response length, "
                   "KL, entropy, grad norm; those no run logged are skipped).")
+flags.DEFINE_integer("smooth", 1, "Curves: also draw the trailing mean of the last N steps of each training "
+                     "metric (validation curves stay raw).", lower_bound=1)
 flags.DEFINE_integer("window", 1, "Table: average the reward components over the last N training steps.",
                      lower_bound=1)
 flags.DEFINE_string("eval_subdir", "eval", "Run subfolder holding an experiments.evaluate summary.json ('' = none).")
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> None:
         names = [str(d) for d in run_dirs]
     try:
         runs = [plotting.load_run(d, name=n, eval_subdir=FLAGS.eval_subdir or None) for d, n in zip(run_dirs, names)]
-        results = plotting.plot_runs(runs, out, FLAGS.metrics)
+        results = plotting.plot_runs(runs, out, FLAGS.metrics, smooth=FLAGS.smooth)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,17 @@ def test_plot_metric_draws_one_curve_per_run_that_logged_it(tmp_path):
                                             "reward/accuracy", "val/total", "val/accuracy"]
 
 
+def test_moving_average_and_smoothed_plot(tmp_path):
+    assert plotting.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plotting.moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="window"):
+        plotting.moving_average([1.0], 0)
+    a = plotting.load_run(_write_log(tmp_path / "a", _rows(4, 1.0, [0.1, 0.2])))
+    (result,) = plotting.plot_runs([a], tmp_path / "plots", ["reward/total"], smooth=3)
+    stored = json.loads(Image.open(result.path).text["Description"])
+    assert stored["curves"][0]["values"] == [1.0, 2.0, 3.0, 4.0]  # the stored data stays raw
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 
 

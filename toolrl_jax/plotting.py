@@ -132,9 +132,25 @@ def metric_filename(metric: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in metric) + ".png"
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): the trend of a noisy per-step metric."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike, *,
-                title: Optional[str] = None) -> PlotResult:
-    """One PNG of `metric` against step with one curve per run that logged it (Agg, no pyplot state)."""
+                title: Optional[str] = None, smooth: int = 1) -> PlotResult:
+    """One PNG of `metric` against step with one curve per run that logged it (Agg, no pyplot state).
+
+    smooth > 1 draws each run's raw values faintly and their trailing `smooth`-step mean on top (the stored curve
+    data stays raw)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -147,8 +163,13 @@ def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for curve in curves:
-        ax.plot(curve.steps, curve.values, label=curve.label, marker="o" if len(curve.steps) <= 30 else None,
-                markersize=3, linewidth=1.5)
+        marker = "o" if len(curve.steps) <= 30 else None
+        if smooth > 1 and len(curve.steps) > 1:
+            raw = ax.plot(curve.steps, curve.values, marker=marker, markersize=3, linewidth=1.0, alpha=0.35)
+            ax.plot(curve.steps, moving_average(curve.values, smooth), color=raw[0].get_color(), linewidth=2.0,
+                    label=f"{curve.label} (mean of last {smooth})")
+        else:
+            ax.plot(curve.steps, curve.values, label=curve.label, marker=marker, markersize=3, linewidth=1.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
@@ -164,14 +185,15 @@ def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike
 
 
 def plot_runs(runs: Sequence[RunLog], out_dir: str | os.PathLike,
-              metrics: Optional[Sequence[str]] = None) -> list[PlotResult]:
+              metrics: Optional[Sequence[str]] = None, smooth: int = 1) -> list[PlotResult]:
     """One PNG per metric (default: DEFAULT_METRICS) that at least one run logged."""
     wanted = DEFAULT_METRICS if metrics is None else tuple(metrics)
     present = [m for m in wanted if any(run.series.get(m) for run in runs)]
     if metrics is not None and len(present) < len(wanted):
         missing = [m for m in wanted if m not in present]
         raise ValueError(f"no run logged {missing}")
-    return [plot_metric(runs, m, Path(out_dir) / metric_filename(m)) for m in present]
+    return [plot_metric(runs, m, Path(out_dir) / metric_filename(m), smooth=1 if m.startswith("val/") else smooth)
+            for m in present]
 
 
 # ----------------------------------------------------------------------------------------------------- tables
