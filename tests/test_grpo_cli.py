@@ -92,3 +92,18 @@ def test_invalid_flags_are_named(tiny_chat_model_dir, tmp_path):
     proc = subprocess.run(_grpo_command(tmp_path / "missing", tmp_path / "r"), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--model=" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ppo_baseline_runs_from_the_command_line_and_resumes(tiny_chat_model_dir, tmp_path):
+    """--algorithm=ppo: a tiny PPO run logs critic metrics, checkpoints the critic and resumes to the same end."""
+    ppo = ("--algorithm=ppo", "--group_size=1", "--total_steps=3", "--val_every=0", "--critic_lr=1e-3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(_grpo_command(tiny_chat_model_dir, straight, *ppo))
+    _run(_grpo_command(tiny_chat_model_dir, resumed, *ppo, "--total_steps=2"))
+    _run(_grpo_command(tiny_chat_model_dir, resumed, *ppo, "--resume"))
+    a, b = _metrics(straight), _metrics(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert np.isfinite(a[step]["critic/vf_loss"]) and a[step] == b[step], step
+    assert (straight / "checkpoints" / "3").is_dir()
