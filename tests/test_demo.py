@@ -1,4 +1,4 @@
-"""experiments.demo: the README's first command (greedy tool-calling chat) on the embedded SmolLM2."""
+"""toolrl_jax.chat_demo / experiments.demo: the README's first command (greedy tool-calling chat) on the embedded SmolLM2."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.demo import run_demo
+from toolrl_jax.chat_demo import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 
