@@ -60,6 +60,8 @@ flags.DEFINE_enum("loss_agg", "token-mean", ["token-mean", "seq-mean-token-mean"
 flags.DEFINE_bool("recompute_old_logprobs", True, "Recompute old-policy log-probs with the training forward.")
 flags.DEFINE_bool("normalize_adv_by_std", True, "Divide group-centred rewards by the group std (GRPO).")
 flags.DEFINE_integer("val_every", 5, "Greedy validation every N steps (0 = never); also at step 0 and the end.")
+flags.DEFINE_integer("val_samples", 0, "Validation also samples N responses per prompt at --temperature "
+                     "(val_sampled/* metrics; 0 = greedy only).")
 flags.DEFINE_integer("val_max_new_tokens", None, "Validation response budget (default max_response_length).")
 flags.DEFINE_integer("log_samples", 2, "Sample responses written to samples.jsonl per step.")
 flags.DEFINE_enum("algorithm", "grpo", ["grpo", "ppo"],
@@ -108,7 +110,8 @@ def grpo_config_from_flags(num_layers: Optional[int] = None) -> GRPOConfig:
         kl_in_reward=FLAGS.kl_in_reward, recompute_old_logprobs=FLAGS.recompute_old_logprobs,
         normalize_adv_by_std=FLAGS.normalize_adv_by_std, policy=policy,
         optimizer=optimizer_config_from_flags(_total_updates()), reward=reward_flags.reward_config_from_flags(),
-        val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, log_samples=FLAGS.log_samples,
+        val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, val_samples=FLAGS.val_samples,
+        log_samples=FLAGS.log_samples,
         seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=_int_list("prompt_length_buckets"))
 
 

@@ -147,3 +147,14 @@ def test_grpo_raises_a_learnable_reward(tiny_chat_model_dir):
     rewards = [trainer.train_step(prompts, truths, jax.random.key(s)).metrics["reward/total"] for s in range(5)]
     assert rewards[0] < 0.7, rewards
     assert np.mean(rewards[-2:]) > 0.85, rewards
+
+
+def test_validation_can_also_sample_at_the_rollout_temperature(tiny_chat_model_dir):
+    trainer, prompts, truths = _trainer(tiny_chat_model_dir, val_samples=3, max_response_length=4)
+    metrics, greedy, _ = trainer.validate(prompts[:2], truths[:2], step=0)
+    assert len(greedy) == 2
+    assert {"val/total", "val_sampled/total", "val_sampled/format", "val_sampled/accuracy"} <= set(metrics)
+    again, _, _ = trainer.validate(prompts[:2], truths[:2], step=0)
+    assert again == metrics  # a fixed key: every validation sees the same sampling noise
+    plain, _, _ = _trainer(tiny_chat_model_dir, max_response_length=4)[0].validate(prompts[:2], truths[:2], step=0)
+    assert not any(k.startswith("val_sampled/") for k in plain)

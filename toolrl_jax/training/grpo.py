@@ -67,6 +67,9 @@ class GRPOConfig:
     trainable_regex: Optional[str] = None  # train only parameters whose path matches (None = all)
     val_every: int = 5
     val_max_new_tokens: Optional[int] = None  # None = max_response_length
+    # > 0: validation also samples this many responses per held-out prompt at the rollout temperature (a fixed
+    # key, so every validation sees the same noise) and logs val_sampled/* -- the quantity GRPO optimises.
+    val_samples: int = 0
     log_samples: int = 2
     seed: int = 0
 
@@ -84,6 +87,7 @@ class GRPOConfig:
              f"mini-batch rows (mini_batch_prompts * group_size = {rows}) must be a multiple of micro_batch_rows "
              f"({self.micro_batch_rows})")
         need(self.ppo_epochs >= 1 and self.total_steps >= 1, "ppo_epochs and total_steps must be >= 1")
+        need(self.val_samples >= 0, f"val_samples must be >= 0, got {self.val_samples}")
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         need(self.algorithm in ("grpo", "ppo"), f"algorithm must be 'grpo' or 'ppo', got {self.algorithm!r}")
         need(self.max_prompt_length >= 1 and self.max_response_length >= 1, "max lengths must be >= 1")
@@ -367,11 +371,17 @@ class GRPOTrainer:
 
     def validate(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], step: int
                  ) -> tuple[dict[str, float], SampleOutput, RewardBatch]:
-        """Greedy decoding on a held-out split, scored with the training reward at `step`."""
+        """Greedy decoding on a held-out split (and `val_samples` sampled responses per prompt), scored with the
+        training reward at `step`."""
         max_new = self.config.val_max_new_tokens or self.config.max_response_length
         samples = self.sampler.generate(prompt_ids, self.sampling_config(greedy=True, max_new_tokens=max_new),
                                         jax.random.key(0))
         rewards = self.score(samples, ground_truths, max(step, 0))
         metrics = rewards.metrics("val/")
         metrics["val/response_length"] = float(samples.lengths.mean())
+        if self.config.val_samples > 0:
+            sampling = dataclasses.replace(self.sampling_config(max_new_tokens=max_new),
+                                           num_samples=self.config.val_samples)
+            sampled = self.sampler.generate(prompt_ids, sampling, jax.random.key(1))
+            metrics.update(self.score(sampled, ground_truths, max(step, 0)).metrics("val_sampled/"))
         return metrics, samples, rewards
