@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_SUMMARY = "summary.json"
 REWARD_COMPONENTS = ("total", "format", "correctness", "length", "accuracy")
 DEFAULT_METRICS = tuple(f"reward/{c}" for c in REWARD_COMPONENTS) + tuple(f"val/{c}" for c in REWARD_COMPONENTS) + (
+    "val_sampled/total", "val_sampled/format",
     "response/length_mean", "kl/old_ref_k1", "actor/entropy", "actor/grad_norm")
 # (column header, path into the evaluation summary.json): the paper's headline benchmark numbers, as fractions.
 BENCHMARK_COLUMNS = (("BFCL overall", ("bfcl", "groups", "overall")),
@@ -192,7 +193,7 @@ def plot_runs(runs: Sequence[RunLog], out_dir: str | os.PathLike,
     if metrics is not None and len(present) < len(wanted):
         missing = [m for m in wanted if m not in present]
         raise ValueError(f"no run logged {missing}")
-    return [plot_metric(runs, m, Path(out_dir) / metric_filename(m), smooth=1 if m.startswith("val/") else smooth)
+    return [plot_metric(runs, m, Path(out_dir) / metric_filename(m), smooth=1 if m.startswith("val") else smooth)
             for m in present]
 
 
