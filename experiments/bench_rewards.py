@@ -12,11 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import random
-import statistics
-import time
 
 from absl import app, flags
 
+from toolrl_jax.metrics import median_seconds
 from toolrl_jax.rewards import RewardConfig, make_reward_pool, parse_ground_truth, parse_response, score_batch
 from toolrl_jax.rewards.mutations import rollout_mix, synthetic_ground_truth
 from toolrl_jax.rewards.reward import format_ok
@@ -29,15 +28,6 @@ _PARQUET = flags.DEFINE_string("test_parquet", None, "ToolRL parquet whose groun
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the response mix.")
 _TOKENS = flags.DEFINE_integer("token_length", 1024, "Response token length for the JAX tag-counter timing.")
 _JSON = flags.DEFINE_string("json_out", None, "Write the figures to this JSON file.")
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def _token_path_timing(responses: list[str], targets: list[str], length: int, repeats: int) -> dict[str, float]:
     """Time the JAX tag counter on [N, length] ids vs the string format check on the same responses."""
@@ -71,9 +61,9 @@ def _token_path_timing(responses: list[str], targets: list[str], length: int, re
 
     rejected = token_path()  # compile
     parsed = [parse_response(t) for t in responses]
-    string_time = _median_time(lambda: [format_ok(p, g) for p, g in zip(parsed, gts)], repeats)
+    string_time = median_seconds(lambda: [format_ok(p, g) for p, g in zip(parsed, gts)], repeats)
     return {
-        "token_path_s": _median_time(token_path, repeats),
+        "token_path_s": median_seconds(token_path, repeats),
         "string_format_check_s": string_time,
         "token_prefilter_rejects": int(rejected.sum()),
         "string_format_failures": sum(not format_ok(p, g) for p, g in zip(parsed, gts)),
@@ -104,13 +94,13 @@ def main(argv: list[str]) -> None:
     with make_reward_pool(_WORKERS.value) as pool:
         score_batch(responses, targets, 1, pool=pool, chunk_size=_CHUNK.value)  # start the workers
         for name, config in configs.items():
-            serial = _median_time(lambda: score_batch(responses, targets, 1, config), _REPEATS.value)
-            pooled = _median_time(
+            serial = median_seconds(lambda: score_batch(responses, targets, 1, config), _REPEATS.value)
+            pooled = median_seconds(
                 lambda: score_batch(responses, targets, 1, config, pool=pool, chunk_size=_CHUNK.value), _REPEATS.value)
             batch = score_batch(responses, targets, 1, config)
             results[name] = {"serial_s": serial, f"pool{_WORKERS.value}_s": pooled,
                              "mean_total": float(batch.total.mean()), "accuracy": float(batch.accuracy.mean())}
-    results["parse_only_s"] = _median_time(lambda: [parse_response(r) for r in responses], _REPEATS.value)
+    results["parse_only_s"] = median_seconds(lambda: [parse_response(r) for r in responses], _REPEATS.value)
     results["token_path"] = _token_path_timing(responses, targets, _TOKENS.value, _REPEATS.value)
     print(json.dumps(results, indent=2))
     if _JSON.value:

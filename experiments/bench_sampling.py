@@ -22,7 +22,6 @@ import json
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from absl import app, flags
+
+from toolrl_jax.metrics import median_seconds
 
 _MODEL = flags.DEFINE_string("model", "qwen2.5-1.5b", "A preset name from toolrl_jax.models.config.PRESETS, or "
                              "'tiny' (ModelConfig.tiny, for CPU smoke tests).")
@@ -82,15 +83,6 @@ def _host_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # ---------------------------------------------------------------------------------------------- workers
 def _worker_init() -> dict[str, Any]:
     """Random weights drawn on the default JAX device, saved as a HF folder both frameworks load."""
@@ -134,7 +126,7 @@ def _worker_jax(batch: int) -> dict[str, Any]:
     compile_s = time.perf_counter() - start
     if not (out.lengths == _NEW.value).all() or out.response_ids.shape != (batch, _NEW.value):
         raise RuntimeError(f"expected {batch} x {_NEW.value} forced tokens, got lengths {np.unique(out.lengths)}")
-    seconds = _median_time(lambda: run(cfg), _REPEATS.value)
+    seconds = median_seconds(lambda: run(cfg), _REPEATS.value)
     result: dict[str, Any] = {
         "impl": "toolrl_jax", "batch": batch, "seconds": seconds, "compile_and_first_call_s": compile_s,
         "new_tokens_per_s": batch * _NEW.value / seconds, "mean_logprob": float(out.logprobs.mean()),
@@ -142,7 +134,7 @@ def _worker_jax(batch: int) -> dict[str, Any]:
     if _PREFILL.value and _NEW.value > 1:
         first = cfg.replace(max_new_tokens=1)
         run(first)
-        prefill_s = _median_time(lambda: run(first), _REPEATS.value)
+        prefill_s = median_seconds(lambda: run(first), _REPEATS.value)
         result["prefill_s"] = prefill_s
         result["decode_tokens_per_s"] = batch * (_NEW.value - 1) / max(seconds - prefill_s, 1e-9)
     result["compiles"] = sampler.compile_count
@@ -189,7 +181,7 @@ def _worker_hf(batch: int) -> dict[str, Any]:
     if tuple(out.shape) != (batch, _PROMPT.value + _NEW.value):
         raise RuntimeError(f"HF generate returned shape {tuple(out.shape)}, expected "
                            f"{(batch, _PROMPT.value + _NEW.value)}")
-    seconds = _median_time(lambda: run(_NEW.value), max(1, _REPEATS.value - 1))
+    seconds = median_seconds(lambda: run(_NEW.value), max(1, _REPEATS.value - 1))
     result: dict[str, Any] = {"impl": "hf_generate", "batch": batch, "seconds": seconds,
               "new_tokens_per_s": batch * _NEW.value / seconds, "torch": torch.__version__,
               "transformers": transformers.__version__}

@@ -99,3 +99,12 @@ def test_progress_bar_and_timer():
     assert summary["time/train"] < summary["time/generate"]
     assert timer.summary() == {}
     json.dumps(summary)
+
+
+def test_median_seconds_calls_fn_repeats_times():
+    from toolrl_jax.metrics import median_seconds
+
+    calls = []
+    assert median_seconds(lambda: calls.append(1), 3) >= 0.0 and len(calls) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        median_seconds(lambda: None, 0)

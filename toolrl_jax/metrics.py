@@ -204,3 +204,15 @@ class Timer:
         if reset:
             self.totals = {}
         return out
+
+
+def median_seconds(fn: Any, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn() (benchmarks: one slow outlier does not move it)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
+from toolrl_jax.datasets.cursor import EpochCursor
 from toolrl_jax.datasets.example import ToolRLExample
 
 EncodeFn = Callable[[list[dict[str, str]]], Sequence[int]]
@@ -112,7 +113,7 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
     return ids, mask, positions
 
 
-class PromptDataset:
+class PromptDataset(EpochCursor):
     """Batches of tokenized prompts (see module doc). Iterating yields batches forever, epoch after epoch."""
 
     def __init__(self, examples: Sequence[ToolRLExample], encode: EncodeFn, config: BatchingConfig):
@@ -194,44 +195,12 @@ class PromptDataset:
                            examples=tuple(self.examples[i] for i in indices),
                            prompt_ids=tuple(tuple(int(t) for t in s) for s in seqs))
 
-    def next_batch(self) -> PromptBatch:
-        """The batch at the current position; advances the position (rolling over to the next epoch)."""
-        batches = self.epoch_batches(self._epoch)
-        if not batches:
-            raise ValueError("an epoch has no batches (fewer examples than batch_size with drop_last)")
-        if self._batch >= len(batches):
-            self._epoch, self._batch = self._epoch + 1, 0
-            batches = self.epoch_batches(self._epoch)
-        batch = self.make_batch(batches[self._batch])
-        self._batch += 1
-        return batch
-
     def __iter__(self) -> Iterator[PromptBatch]:
         while True:
             yield self.next_batch()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the next batch (counting a finished epoch as done only once the next batch is drawn)."""
-        return self._epoch
-
-    def state(self) -> dict[str, Any]:
-        """The resumable position (JSON-serialisable)."""
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch, **self._identity()}
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.config
         return {"version": STATE_VERSION, "seed": cfg.seed, "batch_size": cfg.batch_size, "shuffle": cfg.shuffle,
                 "sort_window": cfg.sort_window, "drop_last": cfg.drop_last, "num_examples": len(self.examples),
                 "fingerprint": self._fingerprint}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Continues from `state()` of a dataset with the same examples, encoder and config."""
-        for key, value in self._identity().items():
-            if state.get(key) != value:
-                raise ValueError(f"cannot restore data position: {key} is {state.get(key)!r} in the saved state "
-                                 f"but {value!r} here (different data, tokenizer or seed?)")
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch <= len(self.epoch_batches(epoch)):
-            raise ValueError(f"invalid data position epoch={epoch}, batch_in_epoch={batch}")
-        self._epoch, self._batch = epoch, batch

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from toolrl_jax.datasets.cursor import EpochCursor
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.tokenization import render_chat, stop_token_ids
 
@@ -303,8 +304,11 @@ def _fill_row(row: int, sequences: Sequence[SFTSequence], arrays: dict[str, np.n
         start = end
 
 
-class SFTDataset:
+class SFTDataset(EpochCursor):
     """Batches of SFT sequences (see the module docstring); `next_batch` runs epoch after epoch."""
+
+    _position_name = "SFT data position"
+    _mismatch_hint = "different data, tokenizer, max_length or seed?"
 
     def __init__(self, sequences: Sequence[SFTSequence], config: SFTBatchingConfig):
         self.config = config
@@ -381,48 +385,18 @@ class SFTDataset:
         return SFTBatch(indices=indices, **shaped)
 
     # ------------------------------------------------------------------ iteration and resumable position
-    def next_batch(self) -> SFTBatch:
-        """The batch at the current position; advances the position (rolling over to the next epoch)."""
-        batches = self.epoch_batches(self._epoch)
-        if self._batch >= len(batches):
-            self._epoch, self._batch = self._epoch + 1, 0
-            batches = self.epoch_batches(self._epoch)
-        batch = self.make_batch(batches[self._batch])
-        self._batch += 1
-        return batch
-
     def iter_epoch(self, epoch: int = 0):
         """Every batch of one epoch, without touching the position (evaluation)."""
         for indices in self.epoch_batches(epoch):
             yield self.make_batch(indices)
 
     @property
-    def epoch(self) -> int:
-        """Epoch of the most recently served batch (0 before any)."""
-        return self._epoch
-
-    @property
     def epochs_done(self) -> float:
         """Fractional epochs consumed so far."""
         return self._epoch + self._batch / max(self.batches_per_epoch, 1)
-
-    def state(self) -> dict[str, Any]:
-        """The resumable position (JSON-serialisable)."""
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch, **self._identity()}
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.config
         return {"version": STATE_VERSION, "seed": cfg.seed, "batch_size": cfg.batch_size, "shuffle": cfg.shuffle,
                 "packing": cfg.packing, "sort_window": cfg.sort_window, "drop_last": cfg.drop_last,
                 "num_sequences": len(self.sequences), "fingerprint": self._fingerprint}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Continues from `state()` of a dataset with the same sequences and order settings."""
-        for key, value in self._identity().items():
-            if state.get(key) != value:
-                raise ValueError(f"cannot restore the SFT data position: {key} is {state.get(key)!r} in the saved "
-                                 f"state but {value!r} here (different data, tokenizer, max_length or seed?)")
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch <= len(self.epoch_batches(epoch)):
-            raise ValueError(f"invalid SFT data position epoch={epoch}, batch_in_epoch={batch}")
-        self._epoch, self._batch = epoch, batch
