@@ -31,7 +31,8 @@ from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
 from toolrl_jax.training.critic import CriticConfig
 from toolrl_jax.tokenization import stop_token_ids
-from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, last_layers_regex
+from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_jax.training.trainable import last_layers_regex
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("toolrl_jax.grpo")
@@ -218,6 +219,8 @@ def main(argv: list[str]) -> None:
                           stop_token_ids=stop_token_ids(tokenizer), mesh=mesh, shardings_fn=shardings_fn,
                           place_batch=place_batch, reward_pool=reward_pool)
     del model
+    log.info("training %.1fM of %.1fM parameters (%s)", trainer.num_trainable / 1e6, model_config.num_params / 1e6,
+             config.algorithm)
 
     checkpointer = Checkpointer(ckpt_dir, CheckpointConfig(save_every=FLAGS.save_every,
                                                           keep_last=FLAGS.keep_checkpoints))

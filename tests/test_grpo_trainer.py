@@ -77,7 +77,7 @@ def test_training_only_the_last_layer_leaves_the_rest_bit_identical(tiny_chat_mo
     from flax import nnx
 
     from toolrl_jax.sharding import path_to_str
-    from toolrl_jax.training.grpo import last_layers_regex
+    from toolrl_jax.training.trainable import last_layers_regex
 
     _, reference = load_hf_model(tiny_chat_model_dir, dtype="float32")
     num_layers = reference.config.num_layers

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Callable, Mapping, Optional
 
 import chex
@@ -30,6 +29,7 @@ from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rl.advantages import gae_advantages_and_returns, token_level_rewards
 from toolrl_jax.rl.masked import masked_mean, masked_var
 from toolrl_jax.rl.ppo import ValueLossConfig, count_normalizers, critic_loss
+from toolrl_jax.training.trainable import count_params, trainable_filter
 
 # `rl.losses.value_loss` returns 0.5 * agg(max((v - R)^2, (v_clip - R)^2)); CriticConfig.value_loss_coef is the total
 # weight on agg(...), so the loss is rescaled by value_loss_coef / this.
@@ -235,15 +235,8 @@ def _unsharded_fns(graphdef: nnx.GraphDef, optimizer_config: OptimizerConfig, va
 def backbone_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
     """nnx filter of the critic's trainable parameters: the value head always, plus backbone parameters whose path
     relative to the backbone (the policy's own path, e.g. "layers/3/mlp/...") matches `regex`; None = all."""
-    pattern = None if regex is None else re.compile(regex)
-
-    def keep(path: tuple, value: Any) -> bool:
-        names = [str(p) for p in path]
-        if not names or names[0] != "backbone" or pattern is None:
-            return True
-        return bool(pattern.search("/".join(names[1:])))
-
-    return keep
+    policy_filter = trainable_filter(regex)
+    return lambda path, value: not path or str(path[0]) != "backbone" or policy_filter(path[1:], value)
 
 
 class Critic:
@@ -285,7 +278,7 @@ class Critic:
 
     @property
     def num_trainable(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return count_params(self.params)
 
     def model(self) -> ValueModel:
         return nnx.merge(self.graphdef, self.params, self.frozen)

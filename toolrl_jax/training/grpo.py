@@ -32,6 +32,7 @@ from toolrl_jax.sampling.config import SamplingConfig
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
 from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
+from toolrl_jax.training.trainable import count_params, trainable_filter
 
 logger = logging.getLogger(__name__)
 
@@ -186,22 +187,6 @@ class StepResult:
     samples: SampleOutput
 
 
-def trainable_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
-    """An nnx filter selecting parameters whose '/'-joined path matches `regex` (search); None selects all."""
-    if regex is None:
-        return lambda path, value: True
-    pattern = re.compile(regex)
-    return lambda path, value: bool(pattern.search("/".join(str(p) for p in path)))
-
-
-def last_layers_regex(num_layers: int, k: int) -> str:
-    """Trainable-parameter regex for the last k decoder layers plus the final norm (embeddings stay frozen)."""
-    if not 1 <= k <= num_layers:
-        raise ValueError(f"last k layers: k must be in [1, {num_layers}], got {k}")
-    ids = "|".join(str(i) for i in range(num_layers - k, num_layers))
-    return rf"^(layers/({ids})/|final_norm/)"
-
-
 class GRPOTrainer:
     """Holds the policy (params + optimizer state), the frozen reference, the sampler and the jitted steps."""
 
@@ -239,7 +224,7 @@ class GRPOTrainer:
 
     @property
     def num_trainable(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return count_params(self.params)
 
     # ------------------------------------------------------------------ state for checkpoints
     def train_state(self) -> dict[str, Any]:
