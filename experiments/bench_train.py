@@ -19,9 +19,9 @@ log-probs, PPO-clip loss with the entropy bonus, token-mean over the mini-batch,
 bf16 compute and fp32 master weights by default, compiled once ahead of time and then called with donated
 params/optimizer state. Rows are [prompt | response] with every token real: --seq_len tokens of which the last
 --response_len are response tokens scored by the loss. Variants: attention "xla" (masked einsum) or "cudnn" (fused,
-GPU only), each optionally "+remat". PyTorch: `Qwen2ForCausalLM` from the same config with random weights, the same
-loss on the same tokens (log-softmax gathered at the targets, PPO-clip ratio against old log-probs, entropy bonus,
-token mean), clip 1.0 and AdamW; precision "bf16" (bf16 weights and AdamW state, the spec's baseline) or "amp"
+GPU only), each optionally "+remat" (full recomputation) or "+remat_dots" (projection outputs kept). PyTorch:
+`Qwen2ForCausalLM` from the same config with random weights, the same loss on the same tokens (log-softmax gathered
+at the targets, PPO-clip ratio against old log-probs, entropy bonus, token mean), clip 1.0 and AdamW; precision "bf16" (bf16 weights and AdamW state, the spec's baseline) or "amp"
 (fp32 weights, bf16 autocast: the same numerics as ours).
 
 Reported per run: median step time over --steps timed steps after --warmup_steps (compilation excluded and reported
@@ -62,14 +62,17 @@ _MODELS = flags.DEFINE_list("models", ["qwen2.5-1.5b", "qwen2.5-3b"],
                             "Preset names (toolrl_jax.models.config.PRESETS) or 'tiny' (CPU smoke tests).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Our compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["bfloat16", "float32"], "Our master-weight dtype.")
-_VARIANTS = flags.DEFINE_list("variants", ["xla"],
-                              "Our configurations: attention xla|cudnn, optionally '+remat' (e.g. cudnn+remat).")
+_VARIANTS = flags.DEFINE_list("variants", ["xla"], "Our configurations: attention xla|cudnn, optionally '+remat' or "
+                              "'+remat_dots' (e.g. cudnn+remat).")
 _BATCH = flags.DEFINE_integer("batch", 8, "train_step: rows per optimizer update.")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "train_step: tokens per row (prompt + response).")
 _RESPONSE = flags.DEFINE_integer("response_len", None, "train_step: response tokens per row (default seq_len - 1).")
 _MICRO = flags.DEFINE_integer("micro_batch_rows", None,
                               "Rows per gradient-accumulation micro-batch (train_step default: --batch; full_step "
                               "default: 8).")
+_CHUNK = flags.DEFINE_integer("logits_chunk_size", 512,
+                              "Our log-prob head's positions per vocabulary projection (0 = all at once).")
+_TRIM = flags.DEFINE_bool("trim_padding", True, "full_step: train rollout rows without their padding columns.")
 _TORCH = flags.DEFINE_list("torch_precisions", ["bf16"],
                            "PyTorch baselines to run: bf16 (bf16 weights + AdamW) and/or amp (fp32 weights, bf16 "
                            "autocast). Empty = none.")
@@ -120,12 +123,17 @@ def mfu(num_params: int, tokens_per_second: float, peak_flops_per_device: float,
     return model_flops_per_token(num_params) * tokens_per_second / (peak_flops_per_device * num_devices)
 
 
-def parse_variant(variant: str) -> tuple[str, bool]:
-    """'xla' | 'cudnn' with an optional '+remat' -> (attention_impl, remat)."""
+REMAT_SUFFIXES = {"remat": "full", "remat_dots": "save_dots"}
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+    """'xla' | 'cudnn', optionally '+remat' (full recomputation) or '+remat_dots' (keep the projections' outputs)
+    -> ModelConfig overrides (attention_impl, remat, remat_policy)."""
     parts = variant.split("+")
-    if parts[0] not in ("xla", "cudnn") or any(p != "remat" for p in parts[1:]) or len(parts) > 2:
-        raise ValueError(f"variant {variant!r}: expected xla|cudnn optionally followed by +remat")
-    return parts[0], len(parts) == 2
+    if parts[0] not in ("xla", "cudnn") or len(parts) > 2 or any(p not in REMAT_SUFFIXES for p in parts[1:]):
+        raise ValueError(f"variant {variant!r}: expected xla|cudnn optionally followed by +remat or +remat_dots")
+    return {"attention_impl": parts[0], "remat": len(parts) == 2,
+            "remat_policy": REMAT_SUFFIXES[parts[1]] if len(parts) == 2 else "full"}
 
 
 def _model_config(name: str):
@@ -247,21 +255,21 @@ def _worker_jax(model_name: str, variant: str) -> dict[str, Any]:
     from toolrl_jax.rl.ppo import PolicyLossConfig
     from toolrl_jax.training.grpo import make_update_fn, stack_minibatches
 
-    attention, remat = parse_variant(variant)
-    config = _model_config(model_name).replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=remat,
-                                               attention_impl=attention)
+    overrides = parse_variant(variant)
+    attention, remat = overrides["attention_impl"], overrides["remat"]
+    config = _model_config(model_name).replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, **overrides)
     batch, seq, resp = _BATCH.value, _SEQ.value, _response_len()
     micro = _micro_rows(batch)
     counter = CompileCounter()
     t0 = time.perf_counter()
-    _, model = load_hf_model(_WEIGHTS.value, dtype=config.dtype, param_dtype=config.param_dtype, remat=remat,
-                             attention_impl=attention)
+    _, model = load_hf_model(_WEIGHTS.value, dtype=config.dtype, param_dtype=config.param_dtype, **overrides)
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     del model
     opt_config = OptimizerConfig()
     optimizer = make_optimizer(opt_config)
     opt_state = jax.jit(optimizer.init)(params)
-    update_fn = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig())
+    update_fn = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig(),
+                               logits_chunk_size=_CHUNK.value or None)
     rows = synthetic_rows(batch, seq, resp, config.vocab_size, _SEED.value)
     minibatch = jax.device_put(stack_minibatches(rows, batch, micro)[0])
     init_s = time.perf_counter() - t0
@@ -282,7 +290,8 @@ def _worker_jax(model_name: str, variant: str) -> dict[str, Any]:
     step_s = statistics.median(times)
     tokens = batch * seq
     peak, peak_kind, device = _jax_peak()
-    predicted = memory_model.train_step_estimate(config, micro, seq, resp, grad_accumulation=batch > micro)
+    predicted = memory_model.train_step_estimate(config, micro, seq, resp, grad_accumulation=batch > micro,
+                                                 logits_chunk_size=_CHUNK.value or None)
     result: dict[str, Any] = {
         "impl": "toolrl_jax", "model": model_name, "variant": variant, "attention_impl": attention, "remat": remat,
         "dtype": config.dtype, "param_dtype": config.param_dtype, "batch": batch, "micro_batch_rows": micro,
@@ -441,14 +450,15 @@ def _worker_full(model_name: str, variant: str) -> dict[str, Any]:
     from toolrl_jax.sampling.config import next_power_of_two
     from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
 
-    attention, remat = parse_variant(variant)
-    config = _model_config(model_name).replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=remat,
-                                               attention_impl=attention)
+    overrides = parse_variant(variant)
+    attention, remat = overrides["attention_impl"], overrides["remat"]
+    config = _model_config(model_name).replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, **overrides)
     micro = _micro_rows(8)
     grpo = GRPOConfig(prompts_per_step=_PROMPTS.value, group_size=_GROUP.value,
                       mini_batch_prompts=_MINI.value, micro_batch_rows=micro,
                       max_prompt_length=_MAX_PROMPT.value, max_response_length=_MAX_RESPONSE.value,
                       total_steps=_FULL_STEPS.value, kl_coef=_KL.value, val_every=0,
+                      logits_chunk_size=_CHUNK.value or None, trim_padding=_TRIM.value,
                       optimizer=OptimizerConfig(), seed=_SEED.value)
     counter = CompileCounter()
     t0 = time.perf_counter()
@@ -483,7 +493,8 @@ def _worker_full(model_name: str, variant: str) -> dict[str, Any]:
     setup = memory_model.GRPOMemorySetup(
         micro_batch_rows=micro, prompt_len=max(32, next_power_of_two(_MAX_PROMPT.value)),
         response_len=_MAX_RESPONSE.value, rollout_prompts=min(64, _PROMPTS.value), group_size=_GROUP.value,
-        reference=grpo.needs_reference, grad_accumulation=_MINI.value * _GROUP.value > micro)
+        reference=grpo.needs_reference, grad_accumulation=_MINI.value * _GROUP.value > micro,
+        logits_chunk_size=grpo.logits_chunk_size)
     predicted = memory_model.estimate(config, setup)
     return {"impl": "toolrl_jax", "workload": "full_step", "model": model_name, "variant": variant,
             "num_params": config.num_params, "prompts": _PROMPTS.value, "group_size": _GROUP.value,

@@ -26,6 +26,9 @@ def define_common_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
     flags.DEFINE_enum("param_dtype", "float32", ["bfloat16", "float32"], "Master-weight dtype.")
     flags.DEFINE_bool("remat", False, "Rematerialise decoder layers in the backward pass.")
+    flags.DEFINE_enum("remat_policy", "full", ["full", "save_dots"],
+                      "With --remat: full = keep only each layer's input; save_dots = also keep its projection matmul "
+                      "outputs (less recomputation, more memory).")
     flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU only).")
     flags.DEFINE_string("data", "synthetic",
                         "'synthetic' (the built-in tool-calling task set) or a ToolRL parquet/JSON file.")
@@ -41,6 +44,8 @@ def define_common_flags() -> None:
     flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
     flags.DEFINE_float("adam_b1", 0.9, "AdamW beta1.")
     flags.DEFINE_float("adam_b2", 0.999, "AdamW beta2.")
+    flags.DEFINE_enum("adam_mu_dtype", None, ["float32", "bfloat16"],
+                      "AdamW first-moment dtype (default: the parameter dtype); bfloat16 saves 2 bytes per parameter.")
     flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip (<= 0 disables).")
     flags.DEFINE_integer("mesh_data", 1, "Data-parallel mesh axis size (-1 = all remaining devices).")
     flags.DEFINE_integer("mesh_fsdp", -1, "FSDP mesh axis size (-1 = all remaining devices).")
@@ -87,7 +92,7 @@ def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig
         return OptimizerConfig(
             learning_rate=FLAGS.lr, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, weight_decay=FLAGS.weight_decay,
             max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None, schedule=FLAGS.lr_schedule,
-            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates)
+            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates, mu_dtype=FLAGS.adam_mu_dtype)
     except ValueError as e:
         raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
 
@@ -131,6 +136,7 @@ def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
     from toolrl_jax.tokenization import load_tokenizer
 
     overrides = dict(dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype, remat=FLAGS.remat,
+                     remat_policy=FLAGS.remat_policy,
                      attention_impl=FLAGS.attention_impl)
     if FLAGS.model.startswith("preset:"):
         config = PRESETS[FLAGS.model.split(":", 1)[1]].replace(**overrides)

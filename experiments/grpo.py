@@ -76,6 +76,18 @@ flags.DEFINE_float("gae_lambda", 1.0, "PPO GAE lambda.")
 flags.DEFINE_bool("whiten_advantages", True, "PPO: whiten advantages over the batch's response tokens.")
 flags.DEFINE_list("prompt_length_buckets", None,
                   "Padded rollout prompt lengths, e.g. 256,320 (default: powers of two). Each compiles once.")
+flags.DEFINE_bool("trim_padding", True,
+                  "Cut rollout rows to each log-prob chunk's / mini-batch's longest prompt and response (rounded up to "
+                  "a bucket) before training: same values, fewer FLOPs; each width compiles once.")
+flags.DEFINE_list("response_length_buckets", None,
+                  "Training widths of responses under --trim_padding, e.g. 128,256,512,1024 (default: powers of two "
+                  ">= 64).")
+flags.DEFINE_integer("logits_chunk_size", 512,
+                     "Response positions projected to the vocabulary at a time (recomputed in the backward pass); "
+                     "bounds the [rows, R, vocab] float32 logits. 0 = all at once.")
+flags.DEFINE_bool("reference_in_compute_dtype", True,
+                  "Keep the KL reference weights in the compute dtype (bit-identical log-probs, half the memory of "
+                  "an fp32 copy).")
 flags.DEFINE_integer("train_last_layers", 0,
                      "Train only the last N decoder layers and the final norm; embeddings and earlier layers stay "
                      "frozen (0 = train every parameter). Cuts backward cost and optimizer memory on small machines.")
@@ -113,7 +125,9 @@ def grpo_config_from_flags(num_layers: Optional[int] = None) -> GRPOConfig:
         optimizer=optimizer_config_from_flags(_total_updates()), reward=reward_flags.reward_config_from_flags(),
         val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, val_samples=FLAGS.val_samples,
         log_samples=FLAGS.log_samples,
-        seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=_int_list("prompt_length_buckets"))
+        seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=_int_list("prompt_length_buckets"),
+        trim_padding=FLAGS.trim_padding, response_length_buckets=_int_list("response_length_buckets"),
+        logits_chunk_size=FLAGS.logits_chunk_size or None, reference_in_compute_dtype=FLAGS.reference_in_compute_dtype)
 
 
 def _total_updates() -> Optional[int]:
@@ -176,7 +190,8 @@ def sft_warmup(model, tokenizer, examples, config: GRPOConfig, mesh, run_dir: Pa
         log.info("reusing the SFT warm-up policy in %s", folder)
     from toolrl_jax.models.hf_io import load_hf_model
     _, model = load_hf_model(folder, shardings=param_shardings_fn, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype,
-                             remat=FLAGS.remat, attention_impl=FLAGS.attention_impl)
+                             remat=FLAGS.remat, remat_policy=FLAGS.remat_policy,
+                             attention_impl=FLAGS.attention_impl)
     return model, folder
 
 

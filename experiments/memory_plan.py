@@ -28,6 +28,8 @@ _USABLE = flags.DEFINE_float("usable_fraction", 0.9,
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["bfloat16", "float32"], "Master-weight dtype.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise decoder layers in the backward pass.")
+_REMAT_POLICY = flags.DEFINE_enum("remat_policy", "full", ["full", "save_dots"],
+                                  "What a rematerialised layer keeps (see ModelConfig.remat_policy).")
 _ATTN = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Attention kernel.")
 _MICRO = flags.DEFINE_integer("micro_batch_rows", 8, "Rows per gradient-accumulation micro-batch (global).")
 _PROMPT = flags.DEFINE_integer("prompt_len", 2048, "Padded prompt tokens per row.")
@@ -36,6 +38,15 @@ _ROLLOUT = flags.DEFINE_integer("rollout_prompts", 64, "Prompts per generate cal
 _GROUP = flags.DEFINE_integer("group_size", 4, "Responses per prompt.")
 _PREFILL = flags.DEFINE_integer("prefill_chunk", 512, "Prefill chunk (0 = whole prompt at once).")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Keep a reference copy of the weights (KL term on).")
+_REFERENCE_COMPUTE = flags.DEFINE_bool("reference_in_compute_dtype", True,
+                                       "The reference copy is kept in the compute dtype (GRPO's default).")
+_HEAD_CHUNK = flags.DEFINE_integer("logits_chunk_size", 512,
+                                   "Response positions per vocabulary projection (GRPO's default; 0 = all at once).")
+_ACCUMULATION = flags.DEFINE_bool("grad_accumulation", True,
+                                  "More than one micro-batch per update (mini-batch rows > micro_batch_rows): a "
+                                  "separate gradient accumulator.")
+_MU_DTYPE = flags.DEFINE_enum("adam_mu_dtype", None, ["float32", "bfloat16"],
+                              "AdamW first-moment dtype (default: the parameter dtype).")
 _MESH = flags.DEFINE_list("mesh", None, "Evaluate only this data,fsdp,tensor mesh instead of recommending one.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the plan as JSON here.")
 
@@ -44,7 +55,8 @@ def _config():
     from toolrl_jax.models.config import ModelConfig
 
     name = _MODEL.value
-    overrides = dict(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value, attention_impl=_ATTN.value)
+    overrides = dict(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value,
+                     remat_policy=_REMAT_POLICY.value, attention_impl=_ATTN.value)
     if Path(name).is_dir() or name.endswith(".json"):
         try:
             return ModelConfig.from_hf(name, **overrides)
@@ -61,7 +73,9 @@ def _setup() -> mm.GRPOMemorySetup:
         return mm.GRPOMemorySetup(
             micro_batch_rows=_MICRO.value, prompt_len=_PROMPT.value, response_len=_RESPONSE.value,
             rollout_prompts=_ROLLOUT.value, group_size=_GROUP.value, prefill_chunk=_PREFILL.value or None,
-            reference=_REFERENCE.value)
+            reference=_REFERENCE.value, reference_in_compute_dtype=_REFERENCE_COMPUTE.value,
+            logits_chunk_size=_HEAD_CHUNK.value or None, grad_accumulation=_ACCUMULATION.value,
+            adam_mu_dtype=_MU_DTYPE.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
@@ -81,7 +95,6 @@ def _breakdown(est: mm.MemoryEstimate) -> list[str]:
 def report(config, setup: mm.GRPOMemorySetup, plan: mm.MeshPlan, chosen: mm.MemoryEstimate | None) -> str:
     """The Markdown report printed by the CLI (also used by docs/memory.md's worked examples)."""
     per_param = mm.bytes_per_parameter(config, setup)
-    c = mm.dtype_bytes(config.dtype)
     t = setup.seq_len
     out = [f"## {_MODEL.value}: {config.num_params / 1e9:.2f} B parameters, {config.num_layers} layers, "
            f"hidden {config.hidden_size}, vocab {config.vocab_size}",
@@ -90,12 +103,16 @@ def report(config, setup: mm.GRPOMemorySetup, plan: mm.MeshPlan, chosen: mm.Memo
            f"({setup.prompt_len} prompt + {setup.response_len} response); rollout {setup.rollout_prompts} prompts x "
            f"{setup.group_size}; reference copy: {setup.reference}", "",
            "Bytes per parameter: " + ", ".join(f"{k} {v:g}" for k, v in per_param.items() if v) +
-           f" = {sum(per_param.values()):g} total "
-           f"({sum(per_param[k] for k in ('params', 'adam_moments', 'reference', 'sampler_copy')):g} persistent)",
+           f" = {sum(v for k, v in per_param.items() if k != 'sampler_copy'):g} at an update "
+           f"({sum(per_param[k] for k in ('params', 'adam_moments', 'reference')):g} persistent, plus the Sampler's "
+           f"copy {per_param['sampler_copy']:g} outside updates)",
            "Bytes per token: layer activations "
            f"{mm.layer_activation_bytes_per_token(config, t) / 1024:,.1f} KiB x {config.num_layers} layers "
-           f"without remat ({c * config.hidden_size / 1024:,.1f} KiB per layer with remat); log-prob head "
-           f"{mm.logits_bytes_per_token(config) / 1024:,.1f} KiB per response token; KV cache "
+           f"without remat ({mm.remat_layer_bytes_per_token(config) / 1024:,.1f} KiB per layer with remat); "
+           "log-prob head "
+           + (f"{mm.chunked_head_bytes_per_token(config) / 1024:,.1f} KiB per response token (chunks of "
+              f"{setup.logits_chunk_size})" if setup.head_chunked else
+              f"{mm.logits_bytes_per_token(config) / 1024:,.1f} KiB per response token") + "; KV cache "
            f"{mm.kv_cache_bytes_per_token(config) / 1024:,.1f} KiB per cached token", ""]
     if chosen is None:
         out.append(f"**Nothing fits** in {mm.format_bytes(plan.usable_bytes)} per device with these settings.")

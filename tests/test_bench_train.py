@@ -34,8 +34,9 @@ def test_mfu_counts_six_n_per_token_against_the_h100_dense_peak():
 
 
 def test_variants_parse():
-    assert parse_variant("xla") == ("xla", False)
-    assert parse_variant("cudnn+remat") == ("cudnn", True)
+    assert parse_variant("xla") == {"attention_impl": "xla", "remat": False, "remat_policy": "full"}
+    assert parse_variant("cudnn+remat") == {"attention_impl": "cudnn", "remat": True, "remat_policy": "full"}
+    assert parse_variant("xla+remat_dots") == {"attention_impl": "xla", "remat": True, "remat_policy": "save_dots"}
     for bad in ("flash", "xla+remat+remat", "xla+fast"):
         with pytest.raises(ValueError):
             parse_variant(bad)

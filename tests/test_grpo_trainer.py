@@ -47,9 +47,10 @@ def test_grpo_step_runs_and_updates(tiny_chat_model_dir):
 
 
 def test_micro_batch_accumulation_matches_one_big_micro_batch(tiny_chat_model_dir):
-    """The same rollouts updated with micro-batches of 1 row or 4 rows give the same parameters."""
+    """The same rollouts updated with micro-batches of 1 row or all 8 rows (one micro-batch: no accumulator) give
+    the same parameters."""
     results = []
-    for micro in (1, 4):
+    for micro in (1, 8):
         trainer, prompts, truths = _trainer(tiny_chat_model_dir, micro_batch_rows=micro, mini_batch_prompts=4)
         trainer.train_step(prompts, truths, jax.random.key(3))
         results.append(jax.tree.map(np.asarray, trainer.params))
@@ -158,3 +159,43 @@ def test_validation_can_also_sample_at_the_rollout_temperature(tiny_chat_model_d
     assert again == metrics  # a fixed key: every validation sees the same sampling noise
     plain, _, _ = _trainer(tiny_chat_model_dir, max_response_length=4)[0].validate(prompts[:2], truths[:2], step=0)
     assert not any(k.startswith("val_sampled/") for k in plain)
+
+
+def test_trimming_rollout_padding_changes_cost_not_results(tiny_chat_model_dir):
+    """trim_padding trains each chunk and mini-batch at its own widths: same metrics and parameters, fewer cells."""
+    runs = []
+    for trim in (False, True):
+        trainer, prompts, truths = _trainer(tiny_chat_model_dir, trim_padding=trim, response_length_buckets=(2, 4, 8),
+                                            micro_batch_rows=2, logits_chunk_size=3)
+        # Prompts of very different lengths, so chunks of short prompts are cut on the left.
+        prompts = [prompts[0][-12:], prompts[1][-20:], prompts[2], prompts[3]]
+        result = trainer.train_step(prompts, truths, jax.random.key(5))
+        runs.append((result.metrics, jax.tree.map(np.asarray, trainer.params)))
+    (m_full, p_full), (m_trim, p_trim) = runs
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "kl/old_ref_k1", "reward/total"):
+        np.testing.assert_allclose(m_trim[key], m_full[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert m_trim["train/padding_fraction"] < m_full["train/padding_fraction"]
+    for a, b in zip(jax.tree.leaves(p_trim), jax.tree.leaves(p_full)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+
+
+def test_trainer_keeps_a_compute_dtype_reference_and_frees_the_sampler_copy_while_updating(tiny_chat_model_dir):
+    _, model = load_hf_model(tiny_chat_model_dir, dtype="bfloat16")
+    tok = load_tokenizer(tiny_chat_model_dir)
+    config = GRPOConfig(prompts_per_step=2, group_size=2, mini_batch_prompts=2, micro_batch_rows=2,
+                        max_prompt_length=96, max_response_length=4, kl_coef=0.001, val_every=0)
+    trainer = GRPOTrainer(model, config, tokenizer=tok, pad_id=tok.pad_token_id, stop_token_ids=stop_token_ids(tok))
+    def floating(tree):
+        return [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+
+    assert floating(trainer.ref_params) and all(x.dtype == jax.numpy.bfloat16 for x in floating(trainer.ref_params))
+    assert all(x.dtype == np.float32 for x in floating(trainer.params))
+    trainer.sampler.release_params()
+    with pytest.raises(RuntimeError, match="release_params"):
+        trainer.sampler.generate([[1, 2, 3]], trainer.sampling_config(greedy=True), jax.random.key(0))
+    trainer.sampler.update_params(trainer.model())
+    train, _ = make_synthetic_split(2, 0, seed=1)
+    prompts = [encode_chat(tok, e.prompt_messages)[-96:] for e in train]
+    result = trainer.train_step(prompts, [e.ground_truth for e in train], jax.random.key(0))
+    assert result.metrics["kl/old_ref_k1"] == 0.0, "bf16 reference == fp32 policy before the first update, exactly"
+    trainer.sampler.generate(prompts[:1], trainer.sampling_config(greedy=True), jax.random.key(0))  # usable again

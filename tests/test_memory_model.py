@@ -48,28 +48,30 @@ class _IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_trainer_state_bytes_are_predicted_exactly(param_dtype):
+@pytest.mark.parametrize("param_dtype,mu_dtype", [("float32", None), ("bfloat16", None), ("float32", "bfloat16")])
+def test_trainer_state_bytes_are_predicted_exactly(param_dtype, mu_dtype):
+    from toolrl_jax.optim import OptimizerConfig
     from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
 
     config = ModelConfig.tiny("qwen2", dtype="bfloat16", param_dtype=param_dtype)
     grpo = GRPOConfig(prompts_per_step=2, group_size=2, mini_batch_prompts=2, micro_batch_rows=2, kl_coef=0.001,
-                      max_prompt_length=8, max_response_length=4)
+                      max_prompt_length=8, max_response_length=4, optimizer=OptimizerConfig(mu_dtype=mu_dtype))
     trainer = GRPOTrainer(CausalLM(config, rngs=nnx.Rngs(0)), grpo, tokenizer=_IdsTokenizer(), pad_id=0,
                           stop_token_ids=(2,))
     assert _nbytes(trainer.params) == mm.param_bytes(config)
     moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim]
-    assert _nbytes(moments) == mm.optimizer_state_bytes(config) - mm.ADAMW_SCALAR_BYTES
-    if param_dtype == "float32":  # optax keeps the injected hyperparameters in the parameter dtype
-        assert _nbytes(trainer.opt_state) == mm.optimizer_state_bytes(config)
-    per_param = mm.bytes_per_parameter(config, mm.GRPOMemorySetup(reference=True))
+    assert _nbytes(moments) == mm.optimizer_state_bytes(config, mu_dtype) - mm.ADAMW_SCALAR_BYTES
+    if param_dtype == "float32":  # the injected hyperparameters are float32 scalars
+        assert _nbytes(trainer.opt_state) == mm.optimizer_state_bytes(config, mu_dtype)
+    per_param = mm.bytes_per_parameter(config, mm.GRPOMemorySetup(reference=True, adam_mu_dtype=mu_dtype))
+    assert per_param["adam_moments"] * config.num_params == _nbytes(moments)
     assert _nbytes(trainer.ref_params) == per_param["reference"] * config.num_params
-    est = mm.estimate(config, mm.GRPOMemorySetup(reference=True, sampler_copy=False))
+    est = mm.estimate(config, mm.GRPOMemorySetup(reference=True, sampler_copy=False, adam_mu_dtype=mu_dtype))
     assert est.state["params"] + est.state["adam_moments"] - mm.ADAMW_SCALAR_BYTES + est.state["reference"] == (
         _nbytes(trainer.params) + _nbytes(moments) + _nbytes(trainer.ref_params))
 
 
-def _residual_bytes(config: ModelConfig, rows: int, prompt: int, response: int) -> int:
+def _residual_bytes(config: ModelConfig, rows: int, prompt: int, response: int, chunk: int | None = None) -> int:
     """Bytes of what jax.vjp keeps for the backward pass of the trainer's log-prob function (arguments excluded)."""
     from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
 
@@ -81,7 +83,7 @@ def _residual_bytes(config: ModelConfig, rows: int, prompt: int, response: int) 
     batch = jax.tree.map(jnp.asarray, batch)
 
     def loss(p):
-        logp, entropy = response_logprobs(graphdef, p, batch)
+        logp, entropy = response_logprobs(graphdef, p, batch, logits_chunk_size=chunk)
         return logp.sum() + entropy.sum()
 
     # The vjp closure's leaves are its residuals; under jit they come back as outputs, parameters included.
@@ -97,18 +99,22 @@ def _residual_bytes(config: ModelConfig, rows: int, prompt: int, response: int) 
 
 @pytest.mark.parametrize("config", [
     _small(dtype="bfloat16"), _small("llama", dtype="bfloat16", num_layers=3), _small(dtype="float32"),
-    _small(dtype="bfloat16", remat=True, num_layers=3, tie_word_embeddings=True)],
-    ids=["qwen2_bf16", "llama_tied_bf16_3layers", "qwen2_fp32", "qwen2_tied_bf16_remat"])
-def test_activation_model_counts_the_autodiff_residuals(config):
+    _small(dtype="bfloat16", remat=True, num_layers=3, tie_word_embeddings=True),
+    _small("llama", dtype="bfloat16", remat=True, remat_policy="save_dots")],
+    ids=["qwen2_bf16", "llama_tied_bf16_3layers", "qwen2_fp32", "qwen2_tied_bf16_remat", "llama_remat_save_dots"])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one_head_pass", "head_chunks_of_3"])
+def test_activation_model_counts_the_autodiff_residuals(config, chunk):
     rows, prompt, response = 3, 16, 8
-    predicted = (mm.activation_bytes(config, rows, prompt + response, response)
-                 + mm.compute_copy_params(config) * mm.dtype_bytes(config.dtype))
-    actual = _residual_bytes(config, rows, prompt, response)
+    chunked = chunk is not None and chunk < response
+    predicted = (mm.activation_bytes(config, rows, prompt + response, response, logits_chunk_size=chunk)
+                 + mm.compute_copy_params(config, chunked) * mm.dtype_bytes(config.dtype))
+    actual = _residual_bytes(config, rows, prompt, response, chunk)
     # Equal up to a handful of scalars (loop counters, the RoPE frequency constant): < 100 bytes of ~0.1-1 MB.
     assert abs(actual - predicted) < 100, (actual, predicted)
 
 
-@pytest.mark.parametrize("shape", [(4, 128, 64, 2, 512), (2, 128, 120, 2, 4096)], ids=["4x128", "vocab4096"])
+@pytest.mark.parametrize("shape", [(4, 128, 64, 2, 512, None), (2, 128, 120, 2, 4096, None),
+                                   (2, 128, 120, 2, 4096, 32)], ids=["4x128", "vocab4096", "vocab4096_head_chunks"])
 def test_compiled_update_step_temporaries_are_within_the_stated_band(shape):
     """A compiled (no remat) update step's temporary bytes on CPU are 60-105% of the estimate: the estimate counts
     autodiff residuals before XLA fuses some of them away (docs/memory.md)."""
@@ -117,23 +123,30 @@ def test_compiled_update_step_temporaries_are_within_the_stated_band(shape):
     from toolrl_jax.training.grpo import make_update_fn
     from toolrl_jax.training.sequences import join_prompt_and_response
 
-    rows, seq, response, layers, vocab = shape
+    rows, seq, response, layers, vocab, chunk = shape
     config = _small(dtype="float32", vocab_size=vocab, hidden_size=64, intermediate_size=192, num_layers=layers)
     model = CausalLM(config, rngs=nnx.Rngs(0))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     opt_config = OptimizerConfig()
     optimizer = make_optimizer(opt_config)
-    update = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig())
     prompt = seq - response
     data = join_prompt_and_response(np.ones((rows, prompt), np.int32), np.ones((rows, prompt), np.int32),
                                     np.ones((rows, response), np.int32), np.ones((rows, response), np.int32))
     data["old_logp"] = np.zeros((rows, response), np.float32)
     data["advantages"] = np.ones((rows, response), np.float32)
     minibatch = {k: v[None] for k, v in data.items()}
-    compiled = update.lower(params, jax.eval_shape(optimizer.init, params), frozen, minibatch).compile()
+    def compile_update(chunk_size):
+        fn = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig(), logits_chunk_size=chunk_size)
+        return fn.lower(params, jax.eval_shape(optimizer.init, params), frozen, minibatch).compile()
+
+    compiled = compile_update(chunk)
     temp = compiled.memory_analysis().temp_size_in_bytes
-    predicted = mm.train_step_estimate(config, rows, seq, response)
+    predicted = mm.train_step_estimate(config, rows, seq, response, logits_chunk_size=chunk)
     assert 0.6 <= temp / predicted["train"] <= 1.05, (temp, predicted)
+    if chunk is not None:  # the chunked head really is smaller than the one-pass head, as predicted
+        one_pass = compile_update(None).memory_analysis().temp_size_in_bytes
+        predicted_one_pass = mm.train_step_estimate(config, rows, seq, response)["train"]
+        assert temp < 0.8 * one_pass and predicted["train"] < 0.8 * predicted_one_pass, (temp, one_pass)
     # Arguments = params + optimizer state + the batch: the state part is exact.
     args = compiled.memory_analysis().argument_size_in_bytes
     assert args - _nbytes(minibatch) == predicted["state"]
@@ -144,12 +157,17 @@ def test_bytes_per_parameter_of_the_default_recipe():
     per = mm.bytes_per_parameter(config, mm.GRPOMemorySetup())
     assert {k: per[k] for k in ("params", "adam_moments", "reference", "sampler_copy", "grads",
                                 "grad_accumulator", "update_temporaries")} == {
-        "params": 4, "adam_moments": 8, "reference": 4, "sampler_copy": 2, "grads": 4, "grad_accumulator": 4,
+        "params": 4, "adam_moments": 8, "reference": 2, "sampler_copy": 2, "grads": 4, "grad_accumulator": 4,
         "update_temporaries": 2}
-    # Every kernel and norm scale is cast (an untied embedding is not): just under 2 bytes per parameter.
+    assert mm.bytes_per_parameter(config, mm.GRPOMemorySetup(reference_in_compute_dtype=False))["reference"] == 4
+    # Every layer kernel and norm scale is cast; the untied embedding is not, and the chunked head (512 of 1024
+    # response positions at a time) recomputes its lm_head cast: 2 bytes per parameter outside the vocabulary.
     biases = config.num_layers * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    expected = 2 * (config.num_params - config.vocab_size * config.hidden_size - biases) / config.num_params
+    vocab = config.vocab_size * config.hidden_size
+    expected = 2 * (config.num_params - 2 * vocab - biases) / config.num_params
     assert per["compute_copies"] == pytest.approx(expected)
+    one_pass = mm.bytes_per_parameter(config, mm.GRPOMemorySetup(logits_chunk_size=None))
+    assert one_pass["compute_copies"] == pytest.approx(expected + 2 * vocab / config.num_params)
     remat = mm.bytes_per_parameter(config.replace(remat=True), mm.GRPOMemorySetup())
     assert remat["compute_copies"] < 0.2
     fp32 = mm.bytes_per_parameter(config.replace(dtype="float32"), mm.GRPOMemorySetup(reference=False))
@@ -185,10 +203,17 @@ def test_mesh_recommendations_for_the_documented_examples():
     assert plan.recommended is None
     cfg, setup, plan = mm.first_fitting_settings(mm.model_config("qwen2.5-1.5b"), 1, 80)
     assert cfg.remat and setup == mm.GRPOMemorySetup() and plan.recommended.mesh == (1, 1, 1)
+    # 3B on one 80 GB device: with remat, one-row micro-batches and 32-prompt rollouts (the bf16 reference copy,
+    # the chunked head and the released Sampler copy make the difference); not with fp32 reference or one-pass head.
+    cfg, setup, plan = mm.first_fitting_settings(mm.model_config("qwen2.5-3b"), 1, 80)
+    assert cfg.remat and (setup.micro_batch_rows, setup.rollout_prompts) == (1, 32)
+    for costlier in (dict(reference_in_compute_dtype=False), dict(logits_chunk_size=None)):
+        assert mm.first_fitting_settings(mm.model_config("qwen2.5-3b"), 1, 80, mm.GRPOMemorySetup(**costlier)) is None
     # 7B on 8 x 80 GB: remat and FSDP over 4 devices (2-way data parallel), no tensor parallelism.
     cfg, setup, plan = mm.first_fitting_settings(mm.model_config("qwen2.5-7b"), 8, 80)
     assert cfg.remat and plan.recommended.mesh == (2, 4, 1)
-    # 32B does not fit on 8 x 80 GB even at one row per micro-batch (18 persistent bytes x 32.8B / 8 > 72 GiB) ...
+    # 32B does not fit on 8 x 80 GB even at one row per micro-batch (14 persistent bytes x 32.8B / 8 = 53 GiB, and
+    # an update adds 10 more per parameter) ...
     assert mm.first_fitting_settings(mm.model_config("qwen2.5-32b"), 8, 80) is None
     # ... but fits FSDP-sharded over 16 of them, or over 8 H200s.
     cfg, _, plan = mm.first_fitting_settings(mm.model_config("qwen2.5-32b"), 16, 80)

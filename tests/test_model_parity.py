@@ -164,7 +164,8 @@ def test_bf16_compute_stays_close_to_fp32(tmp_path):
     assert 0 < rel < 2e-2
 
 
-def test_remat_gives_identical_gradients():
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_gives_identical_gradients(policy):
     config = ModelConfig.tiny("qwen2")
     ids = jnp.asarray(np.arange(3, 15, dtype=np.int32)[None])
     seg = jnp.ones_like(ids)
@@ -179,7 +180,7 @@ def test_remat_gives_identical_gradients():
 
         return nnx.grad(loss)(model)
 
-    plain, remat = grads(config), grads(config.replace(remat=True))
+    plain, remat = grads(config), grads(config.replace(remat=True, remat_policy=policy))
     for (p, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-6, err_msg=str(p))
 
@@ -200,3 +201,8 @@ def test_config_reads_presets_and_rejects_unknown(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**q.to_hf_dict(), "hidden_act": "gelu"}))
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="remat_policy"):
+        ModelConfig.tiny("qwen2", remat_policy="dots_everywhere")

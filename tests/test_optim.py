@@ -124,3 +124,25 @@ def test_bfloat16_params_keep_float32_hyperparameters():
     assert new["w"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(new["w"], np.float32), [0.999, -1.999], atol=4e-3)
     assert np.all(np.isfinite(np.asarray(new["w"], np.float32)))
+
+
+def test_bfloat16_first_moment_halves_mu_and_tracks_the_float32_optimizer():
+    params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
+    runs = {}
+    for mu_dtype in (None, "bfloat16"):
+        cfg = OptimizerConfig(learning_rate=1e-2, mu_dtype=mu_dtype)
+        opt = make_optimizer(cfg)
+        state, p = opt.init(params), params
+        mu = state[1].inner_state[0].mu["w"]
+        assert mu.dtype == (jnp.bfloat16 if mu_dtype else jnp.float32)
+        assert state[1].inner_state[0].nu["w"].dtype == jnp.float32
+        for step in range(5):
+            grads = {"w": jnp.sin(p["w"] * (step + 1))}
+            p, state, _ = apply_gradients(opt, cfg, grads, state, p)
+        assert p["w"].dtype == jnp.float32
+        runs[mu_dtype] = np.asarray(p["w"])
+    moved = np.abs(runs[None] - np.asarray(params["w"])).max()
+    assert moved > 1e-2
+    np.testing.assert_allclose(runs["bfloat16"], runs[None], atol=moved * 1e-2)
+    with pytest.raises(ValueError, match="mu_dtype"):
+        OptimizerConfig(mu_dtype="int8")

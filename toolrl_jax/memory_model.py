@@ -76,8 +76,14 @@ class GRPOMemorySetup:
       decoded group_size times, so a call holds rollout_prompts * group_size rows of KV cache.
     prefill_chunk: prompt tokens per prefill piece (SamplingConfig.prefill_chunk; None = whole prompt at once).
     grad_accumulation: more than one micro-batch per update (a separate accumulator and micro-batch gradient).
-    reference: keep a frozen reference copy of the weights (GRPO's KL term; in param_dtype).
-    sampler_copy: the Sampler keeps a compute-dtype copy of the weights (its default, cast_params=True).
+    reference: keep a frozen reference copy of the weights (GRPO's KL term).
+    reference_in_compute_dtype: the reference copy is kept in the compute dtype (GRPOConfig's default), else in
+      param_dtype.
+    sampler_copy: the Sampler keeps a compute-dtype copy of the weights (its default, cast_params=True); the trainer
+      releases it for the update phase, so it counts in the sampling and log-prob phases only.
+    logits_chunk_size: response positions per vocabulary projection in the log-prob head (GRPOConfig's
+      logits_chunk_size; None = all at once).
+    adam_mu_dtype: AdamW's first-moment dtype (OptimizerConfig.mu_dtype; None = param_dtype).
     """
 
     micro_batch_rows: int = 8
@@ -88,18 +94,32 @@ class GRPOMemorySetup:
     prefill_chunk: Optional[int] = 512
     grad_accumulation: bool = True
     reference: bool = True
+    reference_in_compute_dtype: bool = True
     sampler_copy: bool = True
+    logits_chunk_size: Optional[int] = 512
+    adam_mu_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_rows", "prompt_len", "response_len", "rollout_prompts", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOMemorySetup.{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"GRPOMemorySetup.prefill_chunk must be >= 1 or None, got {self.prefill_chunk}")
+        for name in ("prefill_chunk", "logits_chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"GRPOMemorySetup.{name} must be >= 1 or None, got {getattr(self, name)}")
 
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.response_len
+
+    @property
+    def head_chunked(self) -> bool:
+        """Whether the log-prob head projects the responses in more than one chunk."""
+        return self.logits_chunk_size is not None and self.logits_chunk_size < self.response_len
+
+    @property
+    def head_positions(self) -> int:
+        """Response positions projected to the vocabulary at once."""
+        return self.logits_chunk_size if self.head_chunked else self.response_len
 
     @property
     def rollout_rows(self) -> int:
@@ -135,22 +155,25 @@ def param_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def compute_copy_params(config: ModelConfig) -> int:
+def compute_copy_params(config: ModelConfig, head_chunked: bool = False) -> int:
     """Parameters whose compute-dtype copy (cast or broadcast) autodiff saves for the backward pass.
 
     The norm scales' broadcasts are saved in any case (2 per layer and the final norm; with remat only the final
     one). With dtype != param_dtype the casts are saved too: without remat every kernel and the output matrix
     (lm_head, or the embedding when tied; an untied embedding is looked up in its own dtype); with remat the layers
-    recompute their casts, leaving the output matrix.
+    recompute their casts, leaving the output matrix. A chunked log-prob head (`head_chunked`) recomputes the
+    output matrix's cast inside each chunk, so it is not saved either.
     """
     h, v, layers = config.hidden_size, config.vocab_size, config.num_layers
+    output_cast = v * h if _casts(config) and not head_chunked else 0
     if config.remat:
-        return h + (v * h if _casts(config) else 0)
+        return h + output_cast
     norms = (2 * layers + 1) * h
     if not _casts(config):
         return norms
-    kernels = sum(math.prod(s) for path, s in param_shapes(config) if path.endswith("/kernel"))
-    return kernels + (v * h if config.tie_word_embeddings else 0) + norms
+    layer_kernels = sum(math.prod(s) for path, s in param_shapes(config)
+                        if path.endswith("/kernel") and path.startswith("layers/"))
+    return layer_kernels + output_cast + norms
 
 
 def _casts(config: ModelConfig) -> bool:
@@ -187,9 +210,11 @@ def param_bytes(config: ModelConfig) -> int:
     return config.num_params * dtype_bytes(config.param_dtype)
 
 
-def optimizer_state_bytes(config: ModelConfig) -> int:
-    """Bytes of `make_optimizer(...).init(params)`: AdamW's mu and nu (parameter dtype) plus its scalars."""
-    return 2 * config.num_params * dtype_bytes(config.param_dtype) + ADAMW_SCALAR_BYTES
+def optimizer_state_bytes(config: ModelConfig, mu_dtype: Optional[str] = None) -> int:
+    """Bytes of `make_optimizer(...).init(params)`: AdamW's mu (mu_dtype, default the parameter dtype) and nu
+    (parameter dtype) plus its scalars."""
+    p = dtype_bytes(config.param_dtype)
+    return config.num_params * (dtype_bytes(mu_dtype or config.param_dtype) + p) + ADAMW_SCALAR_BYTES
 
 
 def bytes_per_parameter(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup()) -> dict[str, float]:
@@ -203,12 +228,12 @@ def bytes_per_parameter(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemory
     casts = _casts(config)
     out = {
         "params": float(p),
-        "adam_moments": 2.0 * p,
-        "reference": float(p) if setup.reference else 0.0,
+        "adam_moments": float(dtype_bytes(setup.adam_mu_dtype or config.param_dtype) + p),
+        "reference": float(c if setup.reference_in_compute_dtype else p) if setup.reference else 0.0,
         "sampler_copy": float(c) if setup.sampler_copy and casts else 0.0,
         "grads": float(p),
         "grad_accumulator": float(p) if setup.grad_accumulation else 0.0,
-        "compute_copies": c * compute_copy_params(config) / config.num_params,
+        "compute_copies": c * compute_copy_params(config, setup.head_chunked) / config.num_params,
         "update_temporaries": UPDATE_TEMP_FRACTION * p,
     }
     return out
@@ -253,22 +278,47 @@ def logits_bytes_per_token(config: ModelConfig, tensor: int = 1) -> float:
     return 12 * w["v"] + dtype_bytes(config.dtype) * w["h"] + 8
 
 
-def activation_bytes(config: ModelConfig, rows: float, seq_len: int, response_len: int, tensor: int = 1) -> float:
+def chunked_head_bytes_per_token(config: ModelConfig) -> float:
+    """Saved bytes per (chunk-padded) response position of a chunked log-prob head: the chunk's hidden state and
+    target id, the inputs it is recomputed from."""
+    return dtype_bytes(config.dtype) * config.hidden_size + 4
+
+
+def activation_bytes(config: ModelConfig, rows: float, seq_len: int, response_len: int, tensor: int = 1,
+                     logits_chunk_size: Optional[int] = None) -> float:
     """Bytes autodiff saves for the backward pass of `rows` training rows (prompt + response = seq_len tokens).
 
     Without remat: every layer's residuals (`layer_activation_bytes_per_token`). With remat: each layer's input
     only, plus the attention mask once. Both add the embedding/final-norm terms and the response tokens' log-prob
-    head. Compute-dtype weight copies are not included (see `compute_copy_params`).
+    head: vocabulary-sized buffers per token, or with `logits_chunk_size` < response_len only each position's
+    hidden state (`chunked_head_bytes_per_token`, positions padded to whole chunks). Compute-dtype weight copies are
+    not included (see `compute_copy_params`).
     """
     c = dtype_bytes(config.dtype)
     w = _dims(config, tensor)
     tokens = rows * seq_len
-    outside = tokens * (c * w["h"] + 4 * w["h"] + 12) + rows * response_len * logits_bytes_per_token(config, tensor)
-    if config.remat:
-        layers = config.num_layers * tokens * c * w["h"] + tokens * seq_len  # layer inputs + one bool mask
+    if logits_chunk_size is not None and logits_chunk_size < response_len:
+        padded = -(-response_len // logits_chunk_size) * logits_chunk_size
+        head = rows * padded * chunked_head_bytes_per_token(config)
+    else:
+        head = rows * response_len * logits_bytes_per_token(config, tensor)
+    outside = tokens * (c * w["h"] + 4 * w["h"] + 12) + head
+    if config.remat:  # layer inputs (+ the projections' outputs under "save_dots") + one bool mask
+        layers = config.num_layers * tokens * remat_layer_bytes_per_token(config, tensor) + tokens * seq_len
     else:
         layers = config.num_layers * tokens * layer_activation_bytes_per_token(config, seq_len, tensor)
     return layers + outside
+
+
+def remat_layer_bytes_per_token(config: ModelConfig, tensor: int = 1) -> float:
+    """Bytes a rematerialised layer keeps per token: its input, and under remat_policy="save_dots" the outputs of
+    the projection matmuls its backward pass needs too (q, k, v, o, gate, up; the down projection only feeds the
+    residual add; biases and everything else are recomputed)."""
+    c = dtype_bytes(config.dtype)
+    w = _dims(config, tensor)
+    if config.remat_policy == "save_dots":
+        return c * (2 * w["h"] + w["q"] + 2 * w["kv"] + 2 * w["f"])
+    return c * w["h"]
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, cache_dtype: Optional[str] = None, tensor: int = 1) -> float:
@@ -337,7 +387,7 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
     p, c = dtype_bytes(config.param_dtype), dtype_bytes(config.dtype)
     n_dev = sharded_params(config, mesh)
     per_param = bytes_per_parameter(config, setup)
-    state = {k: per_param[k] * n_dev for k in ("params", "adam_moments", "reference", "sampler_copy")}
+    state = {k: per_param[k] * n_dev for k in ("params", "adam_moments", "reference")}
     state["adam_moments"] += ADAMW_SCALAR_BYTES
 
     rows = max(setup.micro_batch_rows / dp, 1.0)  # batch rows one device trains at a time
@@ -347,19 +397,22 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
     per_layer_tok = layer_activation_bytes_per_token(config, t, tensor)
     train = {k: per_param[k] * n_dev for k in ("grads", "grad_accumulator", "update_temporaries")}
     train["compute_copies"] = per_param["compute_copies"] * n_dev
-    train["activations"] = activation_bytes(config, rows, t, r, tensor)
+    train["activations"] = activation_bytes(config, rows, t, r, tensor, setup.logits_chunk_size)
     w = _dims(config, tensor)
-    # Backward working set: the float32 logits gradient and its compute-dtype cast, or under remat the residuals of
-    # the layer being recomputed, whichever is larger (a layer's cotangents replace the residuals they consume).
+    # Backward working set: the float32 logits gradient and its compute-dtype cast (a chunked head also recomputes
+    # the chunk's log-softmax buffers), or under remat the residuals of the layer being recomputed, whichever is
+    # larger (a layer's cotangents replace the residuals they consume).
     layer_ws = rows * t * per_layer_tok if config.remat else 0.0
-    logits_bwd = rows * r * w["v"] * (4 + c)
+    logits_bwd = rows * setup.head_positions * w["v"] * (4 + c + (12 if setup.head_chunked else 0))
     train["backward_working_set"] = max(layer_ws, logits_bwd)
     train["gathered_weights"] = gathered
 
+    sampler_copy = per_param["sampler_copy"] * n_dev  # released by the trainer for its updates
     logprob = {
+        "sampler_copy": sampler_copy,
         "layer_working_set": rows * t * per_layer_tok,
         "hidden_states": 2 * rows * t * c * w["h"],
-        "logits": rows * r * 12 * w["v"],
+        "logits": rows * setup.head_positions * 12 * w["v"],
         "gathered_weights": gathered,
     }
 
@@ -368,6 +421,7 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
     kv_tok = kv_cache_bytes_per_token(config, cache_dtype, tensor)
     chunk = min(setup.prefill_chunk or setup.prompt_len, setup.prompt_len)
     sampling = {
+        "sampler_copy": sampler_copy,
         "kv_cache": rows_dev * t * kv_tok,
         "prompt_kv_cache": prompts_dev * setup.prompt_len * kv_tok,  # before it is copied to each sample's rows
         "prefill_scores": prompts_dev * w["nh"] * chunk * setup.prompt_len * 12,
@@ -379,10 +433,12 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
 
 
 def train_step_estimate(config: ModelConfig, rows: int, seq_len: int, response_len: int,
-                        grad_accumulation: bool = False) -> dict[str, float]:
+                        grad_accumulation: bool = False, logits_chunk_size: Optional[int] = None
+                        ) -> dict[str, float]:
     """Single-device bytes of one `make_update_fn` step (no reference, no sampler): what bench_train measures."""
     setup = GRPOMemorySetup(micro_batch_rows=rows, prompt_len=seq_len - response_len, response_len=response_len,
-                            grad_accumulation=grad_accumulation, reference=False, sampler_copy=False)
+                            grad_accumulation=grad_accumulation, reference=False, sampler_copy=False,
+                            logits_chunk_size=logits_chunk_size)
     est = estimate(config, setup)
     return {"state": est.state_bytes, "train": sum(est.train.values()), "peak": est.phase_bytes("train"),
             "activations": est.train["activations"]}
@@ -462,7 +518,7 @@ def format_bytes(n: float) -> str:
 
 
 __all__ = ["ADAMW_SCALAR_BYTES", "EXTRA_PRESETS", "GRPOMemorySetup", "MemoryEstimate", "MeshPlan",
-           "activation_bytes", "bytes_per_parameter", "estimate", "first_fitting_settings", "kv_cache_bytes_per_token",
-           "layer_activation_bytes_per_token", "logits_bytes_per_token", "mesh_candidates", "model_config",
-           "optimizer_state_bytes", "param_bytes", "param_shapes", "recommend_mesh", "sharded_params",
-           "train_step_estimate"]
+           "activation_bytes", "bytes_per_parameter", "chunked_head_bytes_per_token", "estimate",
+           "first_fitting_settings", "kv_cache_bytes_per_token", "layer_activation_bytes_per_token",
+           "logits_bytes_per_token", "mesh_candidates", "model_config", "optimizer_state_bytes", "param_bytes",
+           "param_shapes", "recommend_mesh", "remat_layer_bytes_per_token", "sharded_params", "train_step_estimate"]

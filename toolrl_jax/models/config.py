@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 FAMILIES = ("qwen2", "llama")
+REMAT_POLICIES = ("full", "save_dots")
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -47,6 +48,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master-weight dtype
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    # What a rematerialised layer keeps: "full" = only its input (recompute everything); "save_dots" = also the
+    # outputs of its projection matmuls (recompute attention and elementwise work only: cheaper, more memory).
+    remat_policy: str = "full"
     attention_impl: str = "xla"  # "xla" (masked einsum reference) or "cudnn" (fused, GPU only)
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be float32/bfloat16/float16, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"ModelConfig.attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
 

@@ -198,7 +198,9 @@ class CausalLM(nnx.Module):
         if cache is None:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = attention_mask(segment_ids, slots, segment_ids)
-            layer_fn = nnx.remat(_run_layer) if self.config.remat else _run_layer
+            layer_fn = _run_layer
+            if self.config.remat:
+                layer_fn = nnx.remat(_run_layer, policy=_REMAT_POLICIES[self.config.remat_policy])
             for layer in self.layers:
                 x = layer_fn(layer, x, positions, inv_freq, mask)
             return self.final_norm(x), None
@@ -233,6 +235,11 @@ class CausalLM(nnx.Module):
         return self.logits_from_hidden(hidden), cache
 
 
+# "save_dots" keeps the outputs of the projection matmuls (dot_generals without batch dimensions); the attention
+# einsums have batch dimensions and are recomputed with the rest.
+_REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """Positions for left-padded or packed rows: 0,1,2,... within each non-zero segment (padding gets 0)."""
     seg = segment_ids.astype(jnp.int32)
@@ -240,3 +247,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
     segment_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return jnp.where(seg != 0, idx - segment_start, 0)
+
+
+def copy_floating(state: Any, dtype: jnp.dtype | str | None = None) -> Any:
+    """A copy of a parameter pytree in fresh buffers (safe to keep when the original is donated), floating leaves
+    cast to `dtype` when given. Casting to the compute dtype leaves the model's outputs bit-identical: every
+    kernel, bias, norm scale and embedding is cast to the compute dtype before use (see `Linear`, `RMSNorm`)."""
+    def one(x: jax.Array) -> jax.Array:
+        target = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jnp.array(x, dtype=target, copy=True)
+
+    return jax.tree.map(one, state)

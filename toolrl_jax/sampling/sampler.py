@@ -152,8 +152,16 @@ class Sampler:
                              "with (pass the full nnx state of the same architecture)")
         self._state = self._prepare(state)
 
+    def release_params(self) -> None:
+        """Drops the sampler's weights (its compute-dtype copy) until the next `update_params`, so a trainer's
+        update does not hold them alongside its gradients; `generate` refuses to run meanwhile."""
+        self._state = None
+
     # ------------------------------------------------------------------ generation
     def _validate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig) -> list[np.ndarray]:
+        if self._state is None:
+            raise RuntimeError("Sampler.generate: the weights were released (release_params); call update_params "
+                               "with the current model first")
         if not isinstance(config, SamplingConfig):
             raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
         if len(prompt_ids) == 0:

@@ -29,6 +29,7 @@ from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rl.advantages import gae_advantages_and_returns, token_level_rewards
 from toolrl_jax.rl.masked import masked_mean, masked_var
 from toolrl_jax.rl.ppo import ValueLossConfig, count_normalizers, critic_loss
+from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 # `rl.losses.value_loss` returns 0.5 * agg(max((v - R)^2, (v_clip - R)^2)); CriticConfig.value_loss_coef is the total
@@ -195,12 +196,11 @@ def make_critic_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: O
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def micro_step(grads, micro):
-            (_, (metrics, v)), g = grad_fn(params, micro)
-            return jax.tree.map(jnp.add, grads, g), (metrics, v)
+        def micro_grads(p, micro):
+            (_, outputs), g = grad_fn(p, micro)
+            return g, outputs
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (metrics, vpreds) = jax.lax.scan(micro_step, zeros, minibatch)
+        grads, (metrics, vpreds) = accumulate_gradients(micro_grads, params, minibatch)
         metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)  # each micro value is pre-normalised
         mask = minibatch["response_mask"].reshape(-1, r).astype(bool)
         returns = minibatch["returns"].reshape(-1, r).astype(jnp.float32)

@@ -21,17 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toolrl_jax.models.decoder import CausalLM
+from toolrl_jax.models.decoder import CausalLM, copy_floating
 from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rewards.batch import RewardBatch, score_batch
 from toolrl_jax.rewards.config import RewardConfig
 from toolrl_jax.rl.advantages import broadcast_to_tokens, grpo_advantages, kl_penalized_scores
 from toolrl_jax.rl.masked import masked_mean
 from toolrl_jax.rl.ppo import PolicyLossConfig, actor_loss, count_normalizers
-from toolrl_jax.sampling.config import SamplingConfig
+from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
+from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.training.critic import Critic, CriticConfig
-from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
+from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs, row_extents, trim_rows
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,18 @@ class GRPOConfig:
     # the log-prob pass and the update once; a short list bounds compilation, a fine one bounds padding.
     prompt_length_buckets: Optional[tuple[int, ...]] = None
     trainable_regex: Optional[str] = None  # train only parameters whose path matches (None = all)
+    # Response positions projected to the vocabulary at a time in the log-prob passes and the update (recomputed
+    # in the backward pass); bounds the [rows, R, V] float32 logits. None = all at once.
+    logits_chunk_size: Optional[int] = 512
+    # Keep the frozen reference policy in the compute dtype (bf16): bit-identical reference log-probs, since the
+    # forward pass casts every weight to the compute dtype anyway, at half the bytes of an fp32 copy.
+    reference_in_compute_dtype: bool = True
+    # Cut the padding of rollout rows before the log-prob passes and the updates: each log-prob chunk (rows sorted
+    # by length) and each mini-batch is trained at its own longest prompt and response, rounded up to a bucket
+    # (prompt_length_buckets; response_length_buckets, None = powers of two >= 64). Same values, fewer FLOPs; each
+    # distinct (prompt, response) width compiles the log-prob pass and the update once.
+    trim_padding: bool = True
+    response_length_buckets: Optional[tuple[int, ...]] = None
     val_every: int = 5
     val_max_new_tokens: Optional[int] = None  # None = max_response_length
     # > 0: validation also samples this many responses per held-out prompt at the rollout temperature (a fixed
@@ -92,10 +105,16 @@ class GRPOConfig:
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         need(self.algorithm in ("grpo", "ppo"), f"algorithm must be 'grpo' or 'ppo', got {self.algorithm!r}")
         need(self.max_prompt_length >= 1 and self.max_response_length >= 1, "max lengths must be >= 1")
+        need(self.logits_chunk_size is None or self.logits_chunk_size >= 1,
+             f"logits_chunk_size must be >= 1 or None, got {self.logits_chunk_size}")
         if self.prompt_length_buckets is not None:
             need(max(self.prompt_length_buckets) >= self.max_prompt_length,
                  f"the largest prompt_length_bucket ({max(self.prompt_length_buckets)}) must be >= max_prompt_length "
                  f"({self.max_prompt_length})")
+        if self.response_length_buckets is not None:
+            buckets = self.response_length_buckets
+            need(all(b >= 1 for b in buckets) and list(buckets) == sorted(set(buckets)),
+                 f"response_length_buckets must be strictly increasing positive ints, got {buckets}")
         if self.trainable_regex is not None:
             try:
                 re.compile(self.trainable_regex)
@@ -112,13 +131,15 @@ class GRPOConfig:
 
 
 # ---------------------------------------------------------------------------- jitted pure functions
-def make_logprob_fn(graphdef: nnx.GraphDef) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+def make_logprob_fn(graphdef: nnx.GraphDef, logits_chunk_size: Optional[int] = None
+                    ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
     """jit(params, rows) -> (logp [N,R], entropy [N,R]); one compile per row shape."""
-    return jax.jit(functools.partial(response_logprobs, graphdef))
+    return jax.jit(functools.partial(response_logprobs, graphdef, logits_chunk_size=logits_chunk_size))
 
 
 def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
-                   policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None):
+                   policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None,
+                   logits_chunk_size: Optional[int] = None):
     """jit(params, opt_state, frozen, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
 
     params: the trainable state; frozen: the rest of the model's state (an empty State when everything trains),
@@ -130,18 +151,17 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimize
         normalizers = count_normalizers(minibatch["response_mask"].reshape(-1, minibatch["response_mask"].shape[-1]))
 
         def loss_fn(p, micro):
-            logp, entropy = response_logprobs(graphdef, (p, frozen), micro)
+            logp, entropy = response_logprobs(graphdef, (p, frozen), micro, logits_chunk_size=logits_chunk_size)
             return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
                               policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def micro_step(grads, micro):
-            (_, metrics), g = grad_fn(params, micro)
-            return jax.tree.map(jnp.add, grads, g), metrics
+        def micro_grads(p, micro):
+            (_, metrics), g = grad_fn(p, micro)
+            return g, metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(micro_step, zeros, minibatch)
+        grads, metrics = accumulate_gradients(micro_grads, params, minibatch)
         metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)  # each micro value is pre-normalised
         new_params, new_opt_state, opt_metrics = apply_gradients(optimizer, optimizer_config, grads, opt_state,
                                                                  params)
@@ -155,16 +175,32 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimize
 
 # ---------------------------------------------------------------------------- host-side helpers
 def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
-                     place: Callable[[dict], dict] = lambda b: b) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced log-probs of every row, micro_rows at a time (bounded activation memory)."""
-    n = rows["input_ids"].shape[0]
-    logps, ents = [], []
+                     place: Callable[[dict], dict] = lambda b: b,
+                     trim: Optional[Callable[[dict], dict]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced log-probs and entropies [N, R] of every row, micro_rows at a time (bounded activation memory).
+
+    With `trim` (rows -> rows without padding columns, e.g. `GRPOTrainer.trim`), rows are taken shortest first so
+    that each chunk holds rows of similar length, and each chunk is cut before the pass; columns past a chunk's
+    width come back 0 (they are response padding).
+    """
+    n, r = rows["response_ids"].shape
+    order = np.arange(n)
+    if trim is not None:
+        prompt_len, response_len = row_extents(rows)
+        order = np.lexsort((prompt_len, response_len))
+    pending = []  # every chunk is dispatched before any result is fetched: the host never idles the device
     for start in range(0, n, micro_rows):
-        chunk = place({k: v[start:start + micro_rows] for k, v in rows.items()})
-        logp, ent = logprob_fn(params, chunk)
-        logps.append(np.asarray(jax.device_get(logp)))
-        ents.append(np.asarray(jax.device_get(ent)))
-    return np.concatenate(logps), np.concatenate(ents)
+        index = order[start:start + micro_rows]
+        chunk = {k: v[index] for k, v in rows.items()}
+        if trim is not None:
+            chunk = trim(chunk)
+        pending.append((index, logprob_fn(params, place(chunk))))
+    logps, ents = np.zeros((n, r), np.float32), np.zeros((n, r), np.float32)
+    for index, (logp, ent) in pending:
+        logp, ent = jax.device_get((logp, ent))
+        logps[index, :logp.shape[1]] = logp
+        ents[index, :ent.shape[1]] = ent
+    return logps, ents
 
 
 def stack_minibatches(arrays: dict[str, np.ndarray], rows_per_minibatch: int, micro_rows: int
@@ -176,6 +212,13 @@ def stack_minibatches(arrays: dict[str, np.ndarray], rows_per_minibatch: int, mi
         out.append({k: v[start:start + rows_per_minibatch].reshape(
             (rows_per_minibatch // micro_rows, micro_rows) + v.shape[1:]) for k, v in arrays.items()})
     return out
+
+
+def _bucket(length: int, buckets: Optional[Sequence[int]], cap: int, minimum: int) -> int:
+    """The smallest bucket >= length (powers of two >= minimum when buckets is None), at most `cap`."""
+    if buckets is None:
+        return min(cap, max(minimum, next_power_of_two(length)))
+    return min(cap, next((b for b in buckets if b >= length), cap))
 
 
 @dataclasses.dataclass
@@ -209,15 +252,18 @@ class GRPOTrainer:
             opt_shardings = shardings_fn(jax.eval_shape(self.optimizer.init, params))
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         # The reference policy is a frozen copy of the initial trainable weights (kept only when a KL term needs it).
-        self.ref_params = jax.tree.map(jnp.copy, params) if config.needs_reference else None
+        self.ref_params = None
+        if config.needs_reference:
+            ref_dtype = jnp.dtype(model.config.dtype) if config.reference_in_compute_dtype else None
+            self.ref_params = copy_floating(params, ref_dtype)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer, mesh=mesh)
         self.critic = None
         if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
             self.critic = Critic(model, config.critic, trainable_regex=config.trainable_regex,
                                  shardings_fn=shardings_fn, place_batch=place_batch)
-        self.logprob_fn = make_logprob_fn(self.graphdef)
+        self.logprob_fn = make_logprob_fn(self.graphdef, config.logits_chunk_size)
         self.update_fn = make_update_fn(self.graphdef, self.optimizer, config.optimizer, config.policy,
-                                        param_shardings, opt_shardings)
+                                        param_shardings, opt_shardings, config.logits_chunk_size)
         self.place = place_batch or (lambda b: b)
         self.reward_pool = reward_pool
         self.step = 0
@@ -245,6 +291,14 @@ class GRPOTrainer:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
     # ------------------------------------------------------------------ one step
+    def trim(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`rows` (any leading axes) cut to their longest prompt and response, each rounded up to its bucket."""
+        r = rows["response_ids"].shape[-1]
+        p = rows["input_ids"].shape[-1] - r
+        prompt_len, response_len = row_extents(rows)
+        return trim_rows(rows, _bucket(int(prompt_len.max(initial=1)), self.config.prompt_length_buckets, p, 32),
+                         _bucket(int(response_len.max(initial=1)), self.config.response_length_buckets, r, 64))
+
     def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
         c = self.config
         return SamplingConfig(
@@ -275,16 +329,17 @@ class GRPOTrainer:
         rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids,
                                         samples.response_mask)
         mask = rows["response_mask"]
+        trim = self.trim if c.trim_padding else None
         if c.recompute_old_logprobs:
             old_logp, old_entropy = batched_logprobs(self.logprob_fn, (self.params, self.frozen), rows,
-                                                     c.micro_batch_rows, self.place)
+                                                     c.micro_batch_rows, self.place, trim)
         else:
             old_logp, old_entropy = samples.logprobs.astype(np.float32), np.zeros_like(mask)
         old_logp = old_logp * mask
         ref_logp = None
         if self.ref_params is not None:
             ref_logp, _ = batched_logprobs(self.logprob_fn, (self.ref_params, self.frozen), rows,
-                                           c.micro_batch_rows, self.place)
+                                           c.micro_batch_rows, self.place, trim)
             ref_logp = ref_logp * mask
         outcome = jnp.asarray(rewards.total, jnp.float32)
         if c.kl_in_reward and ref_logp is not None:
@@ -309,10 +364,14 @@ class GRPOTrainer:
             train_rows["ref_logp"] = ref_logp.astype(np.float32)
         t_prep = time.perf_counter()
 
-        update_metrics = []
+        update_metrics, trained_cells = [], 0
         rows_per_mb = c.mini_batch_prompts * c.group_size
+        self.sampler.release_params()  # its compute copy is stale after the first update: free it for the update
         for _ in range(c.ppo_epochs):
             for mb in stack_minibatches(train_rows, rows_per_mb, c.micro_batch_rows):
+                if trim is not None:
+                    mb = trim(mb)
+                trained_cells += mb["input_ids"].size
                 self.params, self.opt_state, m = self.update_fn(self.params, self.opt_state, self.frozen,
                                                                 self.place(mb))
                 if self.critic is not None:
@@ -344,6 +403,9 @@ class GRPOTrainer:
             "throughput/new_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
             "throughput/train_tokens_per_s": float(rows["segment_ids"].astype(bool).sum()) * c.ppo_epochs
             / max(t_train - t_prep, 1e-9),
+            # share of the updates' [rows, columns] cells that are padding (trim_padding lowers it)
+            "train/padding_fraction": 1.0 - float(rows["segment_ids"].astype(bool).sum()) * c.ppo_epochs
+            / max(trained_cells, 1),
         })
         if c.recompute_old_logprobs:  # the sampler does not return entropies
             metrics["entropy/rollout"] = float(masked_mean(jnp.asarray(old_entropy), jnp.asarray(mask)))

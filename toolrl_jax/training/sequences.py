@@ -6,7 +6,7 @@ to the vocabulary (the prompt's logits are never materialised).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import jax
@@ -36,6 +36,30 @@ def join_prompt_and_response(prompt_ids: np.ndarray, prompt_mask: np.ndarray, re
             "response_ids": response_ids.astype(np.int32), "response_mask": response_mask.astype(np.float32)}
 
 
+def map_position_chunks(fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]], hidden: jax.Array,
+                        targets: jax.Array, chunk_size: Optional[int] = None) -> tuple[jax.Array, ...]:
+    """fn(hidden [B,c,H], targets [B,c]) -> tuple of [B,c] arrays, applied `chunk_size` positions at a time.
+
+    The vocabulary projection is the largest activation of a language-model loss ([B,T,V] float32: 1.7 MiB per
+    token for a 152K vocabulary, several times over for log-softmax and entropy). With `chunk_size`, only one
+    [B, chunk, V] slice exists at a time and it is recomputed in the backward pass (`jax.checkpoint`), so the
+    residuals are the [B,T,H] hidden states alone. None (or chunk_size >= T) applies fn once.
+    """
+    chex.assert_rank([hidden, targets], [3, 2])
+    chex.assert_equal_shape_prefix([hidden, targets], 2)
+    b, t = targets.shape
+    if chunk_size is None or chunk_size >= t:
+        return fn(hidden, targets)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_size, hidden.shape[-1])
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk_size)
+    outs = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), (jnp.swapaxes(h, 0, 1), jnp.swapaxes(tg, 0, 1)))
+    return tuple(jnp.swapaxes(o, 0, 1).reshape(b, n * chunk_size)[:, :t] for o in outs)
+
+
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """log p(target) and the entropy of each float32 distribution. logits [..., V], targets [...]."""
     logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -44,12 +68,13 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, ja
     return logp, entropy
 
 
-def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *,
-                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, temperature: float = 1.0,
+                      logits_chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Per-token log-prob of each response token and the policy entropy there, both [N, R] float32.
 
     `params` is the model's state, or a tuple of partial states (e.g. trainable, frozen) merged in order.
-    Token j of the response is predicted by the hidden state at column P + j - 1.
+    Token j of the response is predicted by the hidden state at column P + j - 1. `logits_chunk_size` bounds
+    the vocabulary projection's memory (see `map_position_chunks`); the values do not depend on it.
     """
     model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     n, r = batch["response_ids"].shape
@@ -57,7 +82,45 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *,
     hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
     p = batch["input_ids"].shape[1] - r
     hidden = jax.lax.dynamic_slice_in_dim(hidden, p - 1, r, axis=1)
-    logits = model.logits_from_hidden(hidden)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logprobs(logits, batch["response_ids"])
+
+    def head(h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.logits_from_hidden(h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return token_logprobs(logits, targets)
+
+    return map_position_chunks(head, hidden, batch["response_ids"], logits_chunk_size)
+
+
+JOINED_KEYS = ("input_ids", "segment_ids", "positions")  # [N, P+R]; every other row array is [N, R]
+
+
+def row_extents(rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Real prompt and response lengths [N] of joined rows (prompt left-padded, response right-padded)."""
+    r = rows["response_ids"].shape[-1]
+    segments = np.asarray(rows["segment_ids"])
+    prompt = segments[..., :segments.shape[-1] - r].astype(bool).sum(-1)
+    response = np.asarray(rows["response_mask"]).astype(bool).sum(-1)
+    return prompt, response
+
+
+def trim_rows(rows: Mapping[str, np.ndarray], prompt_width: int, response_width: int) -> dict[str, np.ndarray]:
+    """Keeps the last `prompt_width` prompt columns and the first `response_width` response columns of joined rows
+    (any leading axes). Only padding may be cut: the log-probs, values and losses of the kept tokens are those of
+    the full rows, at the cost of the cut columns only (causal attention never looks right, and left padding is
+    masked and positions count real tokens)."""
+    r = rows["response_ids"].shape[-1]
+    p = rows["input_ids"].shape[-1] - r
+    prompt_len, response_len = row_extents(rows)
+    if not (1 <= prompt_width <= p and 1 <= response_width <= r):
+        raise ValueError(f"trim_rows: widths ({prompt_width}, {response_width}) outside the rows' ({p}, {r})")
+    if prompt_len.max(initial=0) > prompt_width or response_len.max(initial=0) > response_width:
+        raise ValueError(f"trim_rows: cutting to ({prompt_width}, {response_width}) would drop tokens (longest "
+                         f"prompt {prompt_len.max()}, response {response_len.max()})")
+    out = {}
+    for key, value in rows.items():
+        if key in JOINED_KEYS:
+            out[key] = value[..., p - prompt_width:p + response_width]
+        else:
+            out[key] = value[..., :response_width]
+    return out

@@ -31,6 +31,8 @@ from flax import nnx
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import SCHEDULES, OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.sequences import map_position_chunks
 from toolrl_jax.training.sft_data import (SFTBatch, SFTBatchingConfig, SFTDataset, SFTEncoder, SFTSequence,
                                           TokenizeReport, tokenize_examples)
 
@@ -143,10 +145,8 @@ def token_nll(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], ta
     """Per-position -log p(target) [B,T] float32 and whether the argmax equals the target [B,T] bool.
 
     hidden [B,T,H] final hidden states; logits_fn maps [B,c,H] -> [B,c,V]. With `chunk_size`, logits exist one
-    [B, chunk, V] slice at a time and are recomputed in the backward pass (jax.checkpoint).
+    [B, chunk, V] slice at a time and are recomputed in the backward pass (`map_position_chunks`).
     """
-    chex.assert_rank([hidden, targets], [3, 2])
-    chex.assert_equal_shape_prefix([hidden, targets], 2)
 
     def one(h: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = logits_fn(h).astype(jnp.float32)
@@ -154,16 +154,7 @@ def token_nll(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], ta
         picked = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
         return lse - picked, jnp.argmax(logits, axis=-1) == t
 
-    b, t = targets.shape
-    if chunk_size is None or chunk_size >= t:
-        return one(hidden, targets)
-    n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_size, hidden.shape[-1])
-    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk_size)
-    nll, correct = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (jnp.swapaxes(h, 0, 1), jnp.swapaxes(tg, 0, 1)))
-    return (jnp.swapaxes(nll, 0, 1).reshape(b, n * chunk_size)[:, :t],
-            jnp.swapaxes(correct, 0, 1).reshape(b, n * chunk_size)[:, :t])
+    return map_position_chunks(one, hidden, targets, chunk_size)
 
 
 def micro_batch_sums(graphdef: nnx.GraphDef, params: Any, micro: Batch,
@@ -189,14 +180,12 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk_size
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def body(carry, micro):
-        grads, loss, hits = carry
-        (l, h), g = grad_fn(params, micro)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, hits + h), None
+    def micro_grads(p, micro):
+        (loss, hits), g = grad_fn(p, micro)
+        return g, (loss, hits)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss, hits), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                                          batch)
+    grads, (losses, hits) = accumulate_gradients(micro_grads, params, batch)
+    loss, hits = jnp.sum(losses), jnp.sum(hits)
     return loss, grads, {"loss": loss, "token_accuracy": hits / total, "target_tokens": total}
 
 

@@ -1,0 +1,178 @@
+"""Training on rollout rows without their padding, a chunked log-prob head, a bf16 reference copy, and gradient
+accumulation without an accumulator: each changes memory or FLOPs, none may change the values."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from toolrl_jax.models.config import ModelConfig
+from toolrl_jax.models.decoder import CausalLM, copy_floating
+from toolrl_jax.optim import OptimizerConfig, make_optimizer
+from toolrl_jax.rl.ppo import PolicyLossConfig
+from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.grpo import batched_logprobs, make_logprob_fn, make_update_fn, stack_minibatches
+from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs, row_extents, trim_rows
+
+PROMPT_WIDTH, RESPONSE_WIDTH = 16, 12
+
+
+def _rows(prompt_lens, response_lens, vocab=128, seed=0) -> dict[str, np.ndarray]:
+    """Joined rows of random tokens: prompts left-padded to PROMPT_WIDTH, responses right-padded."""
+    rng = np.random.default_rng(seed)
+    n = len(prompt_lens)
+    prompt_ids = np.zeros((n, PROMPT_WIDTH), np.int32)
+    prompt_mask = np.zeros((n, PROMPT_WIDTH), np.int32)
+    response_ids = np.zeros((n, RESPONSE_WIDTH), np.int32)
+    response_mask = np.zeros((n, RESPONSE_WIDTH), np.int32)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        prompt_ids[i, PROMPT_WIDTH - p:] = rng.integers(1, vocab, p)
+        prompt_mask[i, PROMPT_WIDTH - p:] = 1
+        response_ids[i, :r] = rng.integers(1, vocab, r)
+        response_mask[i, :r] = 1
+    return join_prompt_and_response(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalLM:
+    return CausalLM(ModelConfig.tiny("qwen2", vocab_size=128, dtype="float32"), rngs=nnx.Rngs(0))
+
+
+def test_trim_rows_cuts_padding_only():
+    rows = _rows([3, 5, 2], [4, 1, 6])
+    prompt_len, response_len = row_extents(rows)
+    np.testing.assert_array_equal(prompt_len, [3, 5, 2])
+    np.testing.assert_array_equal(response_len, [4, 1, 6])
+    cut = trim_rows(rows, 5, 6)
+    assert cut["input_ids"].shape == (3, 11) and cut["response_ids"].shape == (3, 6)
+    np.testing.assert_array_equal(cut["input_ids"], rows["input_ids"][:, PROMPT_WIDTH - 5:PROMPT_WIDTH + 6])
+    np.testing.assert_array_equal(cut["positions"], rows["positions"][:, PROMPT_WIDTH - 5:PROMPT_WIDTH + 6])
+    assert cut["segment_ids"].sum() == rows["segment_ids"].sum(), "every real token is kept"
+    # Stacked mini-batches ([num_micro, micro_rows, ...]) are cut the same way.
+    stacked = stack_minibatches(dict(rows, old_logp=np.ones((3, RESPONSE_WIDTH), np.float32)), 3, 1)[0]
+    cut_stacked = trim_rows(stacked, 5, 6)
+    assert cut_stacked["input_ids"].shape == (3, 1, 11) and cut_stacked["old_logp"].shape == (3, 1, 6)
+    with pytest.raises(ValueError, match="drop tokens"):
+        trim_rows(rows, 4, 6)
+    with pytest.raises(ValueError, match="drop tokens"):
+        trim_rows(rows, 5, 5)
+    with pytest.raises(ValueError, match="outside"):
+        trim_rows(rows, PROMPT_WIDTH + 1, 6)
+
+
+def test_trimmed_chunks_give_the_full_rows_logprobs(model):
+    rows = _rows([3, 16, 7, 2, 9, 12], [12, 2, 5, 1, 8, 3], seed=1)
+    graphdef, params = nnx.split(model)
+    full_logp, full_ent = response_logprobs(graphdef, params, rows)
+    widths = []
+
+    def trim(chunk):
+        p, r = row_extents(chunk)
+        widths.append((int(p.max()), int(r.max())))
+        return trim_rows(chunk, int(p.max()), int(r.max()))
+
+    logp, ent = batched_logprobs(make_logprob_fn(graphdef), params, rows, 2, trim=trim)
+    mask = rows["response_mask"].astype(bool)
+    np.testing.assert_allclose(np.where(mask, logp, 0), np.where(mask, full_logp, 0), atol=1e-5)
+    np.testing.assert_allclose(np.where(mask, ent, 0), np.where(mask, full_ent, 0), atol=1e-5)
+    # Columns past a chunk's width are not computed (0): rows 3 and 1 (responses of 1 and 2) share a 2-wide chunk.
+    assert np.all(logp[[1, 3], 2:] == 0) and np.all(ent[[1, 3], 2:] == 0)
+    # Shortest rows first, so chunks pair similar lengths: (1, 2), (3, 5), (8, 12) responses.
+    assert [w[1] for w in widths] == [2, 5, 12]
+
+
+def test_chunked_logprob_head_equals_one_pass(model):
+    rows = _rows([3, 16, 7], [12, 2, 5], seed=2)
+    graphdef, params = nnx.split(model)
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=rows["response_mask"].shape), jnp.float32)
+
+    def objective(p, chunk):
+        logp, ent = response_logprobs(graphdef, p, rows, logits_chunk_size=chunk)
+        return jnp.sum((logp + 0.1 * ent) * weights * rows["response_mask"]), (logp, ent)
+
+    (v_full, (lp_full, ent_full)), g_full = jax.value_and_grad(objective, has_aux=True)(params, None)
+    for chunk in (5, 4, 1):  # uneven, even and single-position chunks
+        (v, (lp, ent)), g = jax.value_and_grad(objective, has_aux=True)(params, chunk)
+        np.testing.assert_allclose(lp, lp_full, atol=1e-6)
+        np.testing.assert_allclose(ent, ent_full, atol=1e-5)
+        np.testing.assert_allclose(v, v_full, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _minibatch(rows, seed=3):
+    rng = np.random.default_rng(seed)
+    mask = rows["response_mask"]
+    return dict(rows, old_logp=(rng.normal(size=mask.shape) * mask - 4 * mask).astype(np.float32),
+                advantages=(np.repeat(rng.normal(size=(mask.shape[0], 1)), mask.shape[1], 1) * mask).astype(np.float32))
+
+
+def _updated(model, minibatch, logits_chunk_size=None):
+    graphdef, params = nnx.split(copy_model(model))
+    # A large eps makes Adam's first step proportional to the gradient (not its sign), so float rounding in
+    # near-zero gradient entries cannot flip an update.
+    opt_config = OptimizerConfig(learning_rate=1e-2, eps=1.0, max_grad_norm=None)
+    optimizer = make_optimizer(opt_config)
+    update = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig(), logits_chunk_size=logits_chunk_size)
+    new_params, _, metrics = update(params, optimizer.init(params), nnx.State({}), minibatch)
+    return jax.tree.map(np.asarray, new_params), jax.device_get(metrics)
+
+
+def copy_model(model: CausalLM) -> CausalLM:
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, copy_floating(state))
+
+
+def test_update_on_trimmed_rows_and_chunked_head_equals_full_rows(model):
+    rows = _minibatch(_rows([3, 9, 7, 2], [5, 2, 6, 1], seed=4))
+    full = stack_minibatches(rows, 4, 2)[0]
+    p, r = row_extents(rows)
+    cut = trim_rows(full, int(p.max()), int(r.max()))
+    params_full, metrics_full = _updated(model, full)
+    moved = max(float(np.abs(a - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(nnx.state(model))))
+    assert moved > 1e-5, "the update must move the parameters for the comparison to mean anything"
+    for variant, chunk in ((cut, None), (full, 5), (cut, 4)):
+        params, metrics = _updated(model, variant, chunk)
+        for key in ("pg_loss", "entropy", "grad_norm", "actor_loss"):
+            np.testing.assert_allclose(metrics[key], metrics_full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_full)):
+            np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_single_micro_batch_needs_no_accumulator_and_agrees_with_scan():
+    params = {"w": jnp.arange(3.0), "b": jnp.ones(())}
+    batch = {"x": jnp.arange(12.0).reshape(4, 1, 3)}
+
+    def grads_fn(p, micro):
+        loss = lambda q: jnp.sum((micro["x"] @ q["w"] + q["b"]) ** 2)  # noqa: E731
+        return jax.grad(loss)(p), {"loss": loss(p)}
+
+    one_grads, one_out = accumulate_gradients(grads_fn, params, {"x": batch["x"].reshape(1, 4, 3)})
+    many_grads, many_out = accumulate_gradients(grads_fn, params, batch)
+    assert one_out["loss"].shape == (1,) and many_out["loss"].shape == (4,)
+    np.testing.assert_allclose(one_out["loss"].sum(), many_out["loss"].sum(), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(one_grads), jax.tree.leaves(many_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # One micro-batch: no scan, so no zero-initialised accumulator in the program.
+    assert "scan" not in str(jax.make_jaxpr(functools.partial(accumulate_gradients, grads_fn))(
+        params, {"x": batch["x"].reshape(1, 4, 3)}))
+
+
+def test_reference_copy_in_compute_dtype_gives_bit_identical_logprobs():
+    config = ModelConfig.tiny("qwen2", vocab_size=128, dtype="bfloat16", param_dtype="float32")
+    model = CausalLM(config, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(model)
+    ref16 = copy_floating(params, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(ref16) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("bfloat16")}
+    rows = _rows([3, 16, 7], [12, 2, 5], seed=5)
+    logprob = make_logprob_fn(graphdef)
+    np.testing.assert_array_equal(np.asarray(logprob(ref16, rows)[0]), np.asarray(logprob(params, rows)[0]))
+    # A copy owns its buffers: donating the original leaves it valid.
+    ref32 = copy_floating(params)
+    jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
+    assert np.isfinite(np.asarray(logprob(ref32, rows)[0])).all()
