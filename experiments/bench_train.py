@@ -451,7 +451,6 @@ def _worker_full(model_name: str, variant: str) -> dict[str, Any]:
     from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
 
     overrides = parse_variant(variant)
-    attention, remat = overrides["attention_impl"], overrides["remat"]
     config = _model_config(model_name).replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, **overrides)
     micro = _micro_rows(8)
     grpo = GRPOConfig(prompts_per_step=_PROMPTS.value, group_size=_GROUP.value,

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from toolrl_jax.models.config import ModelConfig
-from toolrl_jax.models.decoder import CausalLM, copy_floating
+from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.optim import OptimizerConfig, make_optimizer
 from toolrl_jax.rl.ppo import PolicyLossConfig
 from toolrl_jax.training.accumulation import accumulate_gradients
@@ -124,7 +124,7 @@ def _updated(model, minibatch, logits_chunk_size=None):
 
 def copy_model(model: CausalLM) -> CausalLM:
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, copy_floating(state))
+    return nnx.merge(graphdef, cast_floating(state, copy=True))
 
 
 def test_update_on_trimmed_rows_and_chunked_head_equals_full_rows(model):
@@ -167,12 +167,12 @@ def test_reference_copy_in_compute_dtype_gives_bit_identical_logprobs():
     config = ModelConfig.tiny("qwen2", vocab_size=128, dtype="bfloat16", param_dtype="float32")
     model = CausalLM(config, rngs=nnx.Rngs(1))
     graphdef, params = nnx.split(model)
-    ref16 = copy_floating(params, jnp.bfloat16)
+    ref16 = cast_floating(params, jnp.bfloat16, copy=True)
     assert {x.dtype for x in jax.tree.leaves(ref16) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("bfloat16")}
     rows = _rows([3, 16, 7], [12, 2, 5], seed=5)
     logprob = make_logprob_fn(graphdef)
     np.testing.assert_array_equal(np.asarray(logprob(ref16, rows)[0]), np.asarray(logprob(params, rows)[0]))
     # A copy owns its buffers: donating the original leaves it valid.
-    ref32 = copy_floating(params)
+    ref32 = cast_floating(params, copy=True)
     jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
     assert np.isfinite(np.asarray(logprob(ref32, rows)[0])).all()

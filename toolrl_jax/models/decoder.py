@@ -249,12 +249,13 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return jnp.where(seg != 0, idx - segment_start, 0)
 
 
-def copy_floating(state: Any, dtype: jnp.dtype | str | None = None) -> Any:
-    """A copy of a parameter pytree in fresh buffers (safe to keep when the original is donated), floating leaves
-    cast to `dtype` when given. Casting to the compute dtype leaves the model's outputs bit-identical: every
-    kernel, bias, norm scale and embedding is cast to the compute dtype before use (see `Linear`, `RMSNorm`)."""
+def cast_floating(state: Any, dtype: jnp.dtype | str | None = None, *, copy: bool = False) -> Any:
+    """A parameter pytree with its floating leaves cast to `dtype` (None: kept). Casting to the compute dtype leaves
+    the model's outputs bit-identical: every kernel, bias, norm scale and embedding is cast to the compute dtype
+    before use (see `Linear`, `RMSNorm`). copy=True puts every leaf in a fresh buffer (safe to keep when the original
+    is donated); otherwise a leaf already in its target dtype is shared."""
     def one(x: jax.Array) -> jax.Array:
         target = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        return jnp.array(x, dtype=target, copy=True)
+        return jnp.array(x, dtype=target, copy=True) if copy else x.astype(target)
 
     return jax.tree.map(one, state)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from toolrl_jax.models.decoder import CausalLM
+from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.sampling.config import SamplingConfig, batch_bucket, prompt_length_bucket
 from toolrl_jax.sampling.engine import BatchSharding, DecodeSpec, generate_tokens
 
@@ -138,8 +138,7 @@ class Sampler:
     def _prepare(self, state: nnx.State) -> nnx.State:
         if not self.cast_params:
             return state
-        dtype = jnp.dtype(self.config.dtype)
-        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+        return cast_floating(state, self.config.dtype)
 
     def update_params(self, params: nnx.State | nnx.Module) -> None:
         """Swaps in new weights (e.g. after a GRPO step). Same shapes, dtypes and shardings -> no recompilation.

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from toolrl_jax.config_checks import requirement_checker
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rl.advantages import gae_advantages_and_returns, token_level_rewards
@@ -62,10 +63,7 @@ class CriticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"CriticConfig: {msg}")
-
+        need = requirement_checker("CriticConfig")
         need(isinstance(self.optimizer, OptimizerConfig),
              f"optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
         need(isinstance(self.value, ValueLossConfig),

@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toolrl_jax.models.decoder import CausalLM, copy_floating
+from toolrl_jax.config_checks import requirement_checker
+from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rewards.batch import RewardBatch, score_batch
 from toolrl_jax.rewards.config import RewardConfig
 from toolrl_jax.rl.advantages import broadcast_to_tokens, grpo_advantages, kl_penalized_scores
 from toolrl_jax.rl.masked import masked_mean
 from toolrl_jax.rl.ppo import PolicyLossConfig, actor_loss, count_normalizers
-from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two
+from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt_length_bucket
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
 from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.training.critic import Critic, CriticConfig
@@ -88,10 +89,7 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"GRPOConfig: {msg}")
-
+        need = requirement_checker("GRPOConfig")
         need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
         need(self.prompts_per_step % self.mini_batch_prompts == 0,
              f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts "
@@ -214,7 +212,7 @@ def stack_minibatches(arrays: dict[str, np.ndarray], rows_per_minibatch: int, mi
     return out
 
 
-def _bucket(length: int, buckets: Optional[Sequence[int]], cap: int, minimum: int) -> int:
+def _response_bucket(length: int, buckets: Optional[Sequence[int]], cap: int, minimum: int = 64) -> int:
     """The smallest bucket >= length (powers of two >= minimum when buckets is None), at most `cap`."""
     if buckets is None:
         return min(cap, max(minimum, next_power_of_two(length)))
@@ -255,7 +253,7 @@ class GRPOTrainer:
         self.ref_params = None
         if config.needs_reference:
             ref_dtype = jnp.dtype(model.config.dtype) if config.reference_in_compute_dtype else None
-            self.ref_params = copy_floating(params, ref_dtype)
+            self.ref_params = cast_floating(params, ref_dtype, copy=True)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer, mesh=mesh)
         self.critic = None
         if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
@@ -292,12 +290,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def trim(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`rows` (any leading axes) cut to their longest prompt and response, each rounded up to its bucket."""
+        """`rows` (any leading axes) cut to their longest prompt and response, each rounded up to its bucket (the
+        sampler's prompt buckets; response_length_buckets)."""
         r = rows["response_ids"].shape[-1]
         p = rows["input_ids"].shape[-1] - r
         prompt_len, response_len = row_extents(rows)
-        return trim_rows(rows, _bucket(int(prompt_len.max(initial=1)), self.config.prompt_length_buckets, p, 32),
-                         _bucket(int(response_len.max(initial=1)), self.config.response_length_buckets, r, 64))
+        prompt_width = min(p, prompt_length_bucket(int(prompt_len.max(initial=1)), self.sampling_config()))
+        return trim_rows(rows, prompt_width,
+                         _response_bucket(int(response_len.max(initial=1)), self.config.response_length_buckets, r))
 
     def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
         c = self.config

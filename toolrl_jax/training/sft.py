@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from toolrl_jax.config_checks import requirement_checker
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import SCHEDULES, OptimizerConfig, apply_gradients, make_optimizer
@@ -87,10 +88,7 @@ class SFTConfig:
     remat: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"SFTConfig: {msg}")
-
+        need = requirement_checker("SFTConfig")
         need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
         need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
