@@ -167,10 +167,12 @@ def test_trimming_rollout_padding_changes_cost_not_results(tiny_chat_model_dir):
     for trim in (False, True):
         trainer, prompts, truths = _trainer(tiny_chat_model_dir, trim_padding=trim, response_length_buckets=(2, 4, 8),
                                             micro_batch_rows=2, logits_chunk_size=3)
-        # Prompts of very different lengths, so chunks of short prompts are cut on the left.
-        prompts = [prompts[0][-12:], prompts[1][-20:], prompts[2], prompts[3]]
+        # A short and a long prompt in each mini-batch, so chunks of short prompts are cut on the left.
+        prompts = [prompts[0][-12:], prompts[1], prompts[2][-20:], prompts[3]]
         result = trainer.train_step(prompts, truths, jax.random.key(5))
         runs.append((result.metrics, jax.tree.map(np.asarray, trainer.params)))
+        # Trimmed: the micro-batches of a mini-batch get their own widths, so the split update ran (full: never).
+        assert (trainer.split_update.accumulate._cache_size() >= 2) == trim
     (m_full, p_full), (m_trim, p_trim) = runs
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "kl/old_ref_k1", "reward/total"):
         np.testing.assert_allclose(m_trim[key], m_full[key], rtol=1e-4, atol=1e-6, err_msg=key)

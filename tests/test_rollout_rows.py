@@ -13,10 +13,12 @@ from flax import nnx
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.optim import OptimizerConfig, make_optimizer
-from toolrl_jax.rl.ppo import PolicyLossConfig
 from toolrl_jax.training.accumulation import accumulate_gradients
-from toolrl_jax.training.grpo import batched_logprobs, make_logprob_fn, make_update_fn, stack_minibatches
-from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs, row_extents, trim_rows
+from toolrl_jax.rl.ppo import PolicyLossConfig, count_normalizers
+from toolrl_jax.training.grpo import (batched_logprobs, make_logprob_fn, make_split_update_fns, make_update_fn,
+                                     stack_minibatches)
+from toolrl_jax.training.sequences import (join_prompt_and_response, response_logprobs, row_extents, rows_by_length,
+                                          trim_rows)
 
 PROMPT_WIDTH, RESPONSE_WIDTH = 16, 12
 
@@ -111,13 +113,15 @@ def _minibatch(rows, seed=3):
                 advantages=(np.repeat(rng.normal(size=(mask.shape[0], 1)), mask.shape[1], 1) * mask).astype(np.float32))
 
 
+# A large eps makes Adam's first step proportional to the gradient (not its sign), so float rounding in near-zero
+# gradient entries cannot flip an update.
+_OPT_CONFIG = OptimizerConfig(learning_rate=1e-2, eps=1.0, max_grad_norm=None)
+
+
 def _updated(model, minibatch, logits_chunk_size=None):
     graphdef, params = nnx.split(copy_model(model))
-    # A large eps makes Adam's first step proportional to the gradient (not its sign), so float rounding in
-    # near-zero gradient entries cannot flip an update.
-    opt_config = OptimizerConfig(learning_rate=1e-2, eps=1.0, max_grad_norm=None)
-    optimizer = make_optimizer(opt_config)
-    update = make_update_fn(graphdef, optimizer, opt_config, PolicyLossConfig(), logits_chunk_size=logits_chunk_size)
+    optimizer = make_optimizer(_OPT_CONFIG)
+    update = make_update_fn(graphdef, optimizer, _OPT_CONFIG, PolicyLossConfig(), logits_chunk_size=logits_chunk_size)
     new_params, _, metrics = update(params, optimizer.init(params), nnx.State({}), minibatch)
     return jax.tree.map(np.asarray, new_params), jax.device_get(metrics)
 
@@ -142,6 +146,35 @@ def test_update_on_trimmed_rows_and_chunked_head_equals_full_rows(model):
             np.testing.assert_allclose(metrics[key], metrics_full[key], rtol=1e-5, atol=1e-7, err_msg=key)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_full)):
             np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_update(model):
+    """Rows sorted by length, each micro-batch cut to its own widths, gradients summed across jitted calls: the
+    same metrics and parameters as one scan over the full-width mini-batch."""
+    rows = _minibatch(_rows([3, 9, 7, 2, 16, 1], [5, 2, 6, 1, 12, 3], seed=6))
+    params_full, metrics_full = _updated(model, stack_minibatches(rows, 6, 2)[0])
+    order = rows_by_length(rows)
+    micros = []
+    for start in range(0, 6, 2):
+        micro = {k: v[order[start:start + 2]] for k, v in rows.items()}
+        p, r = row_extents(micro)
+        micros.append(trim_rows(micro, int(p.max()), int(r.max())))
+    assert len({m["input_ids"].shape for m in micros}) == 3, "each micro-batch has its own width"
+    graphdef, params = nnx.split(copy_model(model))
+    optimizer = make_optimizer(_OPT_CONFIG)
+    fns = make_split_update_fns(graphdef, optimizer, _OPT_CONFIG, PolicyLossConfig(), logits_chunk_size=4)
+    normalizers = jax.device_get(count_normalizers(rows["response_mask"]))
+    grads, micro_metrics = fns.zeros(params), []
+    for micro in micros:
+        grads, m = fns.accumulate(params, nnx.State({}), grads, micro, normalizers)
+        micro_metrics.append(m)
+    new_params, _, opt_metrics = fns.apply(params, optimizer.init(params), grads)
+    metrics = dict(jax.device_get(opt_metrics), **{k: sum(float(m[k]) for m in micro_metrics)
+                                                    for k in micro_metrics[0]})
+    for key in ("pg_loss", "entropy", "grad_norm", "actor_loss"):
+        np.testing.assert_allclose(metrics[key], metrics_full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params_full)):
+        np.testing.assert_allclose(np.asarray(a), b, atol=1e-7)
 
 
 def test_single_micro_batch_needs_no_accumulator_and_agrees_with_scan():

@@ -30,7 +30,7 @@ from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.rl.advantages import gae_advantages_and_returns, token_level_rewards
 from toolrl_jax.rl.masked import masked_mean, masked_var
 from toolrl_jax.rl.ppo import ValueLossConfig, count_normalizers, critic_loss
-from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.accumulation import accumulate_gradients, place_stacked
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 # `rl.losses.value_loss` returns 0.5 * agg(max((v - R)^2, (v_clip - R)^2)); CriticConfig.value_loss_coef is the total
@@ -312,7 +312,7 @@ class Critic:
         missing = [k for k in UPDATE_KEYS if k not in minibatch]
         if missing:
             raise KeyError(f"Critic.update: mini-batch lacks {missing}")
-        mb = self.place({k: minibatch[k] for k in UPDATE_KEYS})
+        mb = place_stacked(self.place, {k: minibatch[k] for k in UPDATE_KEYS})
         self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, mb)
         return metrics
 

@@ -4,7 +4,10 @@ The loop is host Python; every array computation is a jitted pure function of ex
   * `logprob_fn(params, rows)`: teacher-forced response log-probs and entropies (old policy and reference model),
   * `update_fn(params, opt_state, minibatch)`: one optimizer update from a mini-batch stacked as
     [num_micro, micro_rows, ...]; micro-batch gradients are summed with `lax.scan` against the mini-batch's global
-    token count, so accumulation gives exactly the token mean over the whole mini-batch.
+    token count, so accumulation gives exactly the token mean over the whole mini-batch,
+  * `split_update` (zeros / accumulate / apply): the same update when trim_padding cuts a mini-batch's micro-batches
+    to different widths (rows sorted by length): one gradient call per micro-batch into a donated accumulator,
+    then one optimizer call; each distinct micro-batch shape compiles once.
 Parameters and optimizer state are donated; under a mesh they keep the partition-rule shardings across steps.
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ import functools
 import logging
 import re
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +34,10 @@ from toolrl_jax.rl.masked import masked_mean
 from toolrl_jax.rl.ppo import PolicyLossConfig, actor_loss, count_normalizers
 from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt_length_bucket
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
-from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.accumulation import accumulate_gradients, place_stacked
 from toolrl_jax.training.critic import Critic, CriticConfig
-from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs, row_extents, trim_rows
+from toolrl_jax.training.sequences import (join_prompt_and_response, response_logprobs, row_extents, rows_by_length,
+                                          trim_rows)
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 logger = logging.getLogger(__name__)
@@ -135,31 +139,40 @@ def make_logprob_fn(graphdef: nnx.GraphDef, logits_chunk_size: Optional[int] = N
     return jax.jit(functools.partial(response_logprobs, graphdef, logits_chunk_size=logits_chunk_size))
 
 
+def _actor_micro_grads(graphdef: nnx.GraphDef, policy_config: PolicyLossConfig, logits_chunk_size: Optional[int]):
+    """grads(params, frozen, micro, normalizers) -> (gradient, metrics) of one micro-batch's share of the mini-batch
+    loss: normalised by the whole mini-batch's counts, so micro-batch gradients and metrics sum to the mini-batch's."""
+
+    def loss_fn(p, frozen, micro, normalizers):
+        logp, entropy = response_logprobs(graphdef, (p, frozen), micro, logits_chunk_size=logits_chunk_size)
+        return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
+                          policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_grads(p, frozen, micro, normalizers):
+        (_, metrics), g = grad_fn(p, frozen, micro, normalizers)
+        return g, metrics
+
+    return micro_grads
+
+
 def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
                    policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None,
                    logits_chunk_size: Optional[int] = None):
     """jit(params, opt_state, frozen, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
 
-    params: the trainable state; frozen: the rest of the model's state (an empty State when everything trains),
-    merged after params. minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of
-    `join_prompt_and_response` plus old_logp, advantages (and ref_logp when the KL loss is on).
+    One optimizer update from a mini-batch whose micro-batches share one width. params: the trainable state;
+    frozen: the rest of the model's state (an empty State when everything trains), merged after params.
+    minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of `join_prompt_and_response` plus old_logp,
+    advantages (and ref_logp when the KL loss is on). Mini-batches of mixed widths use `make_split_update_fns`.
     """
+    micro_grads = _actor_micro_grads(graphdef, policy_config, logits_chunk_size)
 
     def update(params, opt_state, frozen, minibatch):
         normalizers = count_normalizers(minibatch["response_mask"].reshape(-1, minibatch["response_mask"].shape[-1]))
-
-        def loss_fn(p, micro):
-            logp, entropy = response_logprobs(graphdef, (p, frozen), micro, logits_chunk_size=logits_chunk_size)
-            return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
-                              policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def micro_grads(p, micro):
-            (_, metrics), g = grad_fn(p, micro)
-            return g, metrics
-
-        grads, metrics = accumulate_gradients(micro_grads, params, minibatch)
+        grads, metrics = accumulate_gradients(lambda p, micro: micro_grads(p, frozen, micro, normalizers), params,
+                                              minibatch)
         metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)  # each micro value is pre-normalised
         new_params, new_opt_state, opt_metrics = apply_gradients(optimizer, optimizer_config, grads, opt_state,
                                                                  params)
@@ -169,6 +182,42 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimize
     if param_shardings is not None:
         out_shardings = (param_shardings, opt_shardings, None)
     return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+class SplitUpdateFns(NamedTuple):
+    """One optimizer update as separate jitted programs, so that each micro-batch runs at its own width:
+        grads = zeros(params)
+        for micro in micro_batches:   # any widths; one compile per distinct shape
+            grads, metrics = accumulate(params, frozen, grads, micro, normalizers)   # grads donated
+        params, opt_state, opt_metrics = apply(params, opt_state, grads)           # params, opt_state donated
+    normalizers: `count_normalizers` of the whole mini-batch's response mask (host scalars)."""
+
+    zeros: Callable
+    accumulate: Callable
+    apply: Callable
+
+
+def make_split_update_fns(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
+                          policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None,
+                          logits_chunk_size: Optional[int] = None) -> SplitUpdateFns:
+    """The update of `make_update_fn` split across jitted calls (see `SplitUpdateFns`): the same gradients, summed
+    in a donated accumulator that lives across calls instead of in a `lax.scan` carry."""
+    micro_grads = _actor_micro_grads(graphdef, policy_config, logits_chunk_size)
+
+    def accumulate(params, frozen, grads, micro, normalizers):
+        g, metrics = micro_grads(params, frozen, micro, normalizers)
+        return jax.tree.map(jnp.add, grads, g), metrics
+
+    def apply(params, opt_state, grads):
+        return apply_gradients(optimizer, optimizer_config, grads, opt_state, params)
+
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    if param_shardings is None:
+            return SplitUpdateFns(jax.jit(zeros), jax.jit(accumulate, donate_argnums=(2,)),
+                              jax.jit(apply, donate_argnums=(0, 1)))
+    return SplitUpdateFns(jax.jit(zeros, out_shardings=param_shardings),
+                          jax.jit(accumulate, donate_argnums=(2,), out_shardings=(param_shardings, None)),
+                          jax.jit(apply, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None)))
 
 
 # ---------------------------------------------------------------------------- host-side helpers
@@ -184,8 +233,7 @@ def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows
     n, r = rows["response_ids"].shape
     order = np.arange(n)
     if trim is not None:
-        prompt_len, response_len = row_extents(rows)
-        order = np.lexsort((prompt_len, response_len))
+        order = rows_by_length(rows)
     pending = []  # every chunk is dispatched before any result is fetched: the host never idles the device
     for start in range(0, n, micro_rows):
         index = order[start:start + micro_rows]
@@ -262,6 +310,8 @@ class GRPOTrainer:
         self.logprob_fn = make_logprob_fn(self.graphdef, config.logits_chunk_size)
         self.update_fn = make_update_fn(self.graphdef, self.optimizer, config.optimizer, config.policy,
                                         param_shardings, opt_shardings, config.logits_chunk_size)
+        self.split_update = make_split_update_fns(self.graphdef, self.optimizer, config.optimizer, config.policy,
+                                                  param_shardings, opt_shardings, config.logits_chunk_size)
         self.place = place_batch or (lambda b: b)
         self.reward_pool = reward_pool
         self.step = 0
@@ -312,6 +362,37 @@ class GRPOTrainer:
         responses = [t.strip() for t in samples.texts]
         truths = [ground_truths[i // n] for i in range(len(responses))]
         return score_batch(responses, truths, step, self.config.reward, pool=self.reward_pool)
+
+    def update(self, minibatch: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], int]:
+        """One actor update from a mini-batch's rows [rows, ...] (host arrays with old_logp, advantages, ...).
+
+        Returns its metrics (device scalars) and the number of [row, column] cells trained. With trim_padding the
+        rows are taken shortest first and every micro-batch is cut to its own widths: micro-batches of one shape run
+        as one fused program (`update_fn`, a scan), mixed shapes through `split_update` (one call per micro-batch,
+        then the optimizer), with the same normalizers, so the update is the mini-batch token mean either way.
+        """
+        c = self.config
+        n = minibatch["response_ids"].shape[0]
+        order = rows_by_length(minibatch) if c.trim_padding else np.arange(n)
+        micros = [{k: v[order[s:s + c.micro_batch_rows]] for k, v in minibatch.items()}
+                  for s in range(0, n, c.micro_batch_rows)]
+        if c.trim_padding:
+            micros = [self.trim(m) for m in micros]
+        cells = sum(m["input_ids"].size for m in micros)
+        if len({(m["input_ids"].shape, m["response_ids"].shape) for m in micros}) == 1:
+            stacked = place_stacked(self.place, {k: np.stack([m[k] for m in micros]) for k in micros[0]})
+            self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, stacked)
+            return metrics, cells
+        fns = self.split_update
+        normalizers = jax.device_get(count_normalizers(minibatch["response_mask"]))
+        grads, micro_metrics = fns.zeros(self.params), []
+        for micro in micros:
+            grads, m = fns.accumulate(self.params, self.frozen, grads, self.place(micro), normalizers)
+            micro_metrics.append(m)
+        self.params, self.opt_state, opt_metrics = fns.apply(self.params, self.opt_state, grads)
+        # each micro value is pre-normalised by the mini-batch counts: the mini-batch value is their sum
+        metrics = {k: sum(m[k] for m in micro_metrics) for k in micro_metrics[0]}
+        return {**metrics, **opt_metrics}, cells
 
     def train_step(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str],
                    key: jax.Array) -> StepResult:
@@ -367,15 +448,15 @@ class GRPOTrainer:
         update_metrics, trained_cells = [], 0
         rows_per_mb = c.mini_batch_prompts * c.group_size
         self.sampler.release_params()  # its compute copy is stale after the first update: free it for the update
+        n_rows = mask.shape[0]
         for _ in range(c.ppo_epochs):
-            for mb in stack_minibatches(train_rows, rows_per_mb, c.micro_batch_rows):
-                if trim is not None:
-                    mb = trim(mb)
-                trained_cells += mb["input_ids"].size
-                self.params, self.opt_state, m = self.update_fn(self.params, self.opt_state, self.frozen,
-                                                                self.place(mb))
+            for start in range(0, n_rows, rows_per_mb):
+                mb = {k: v[start:start + rows_per_mb] for k, v in train_rows.items()}
+                m, cells = self.update(mb)
+                trained_cells += cells
                 if self.critic is not None:
-                    m = {**m, **self.critic.update(mb)}
+                    stacked = stack_minibatches(mb, rows_per_mb, c.micro_batch_rows)[0]
+                    m = {**m, **self.critic.update(trim(stacked) if trim is not None else stacked)}
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
         self.sampler.update_params(self.model())

@@ -104,6 +104,13 @@ def row_extents(rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]
     return prompt, response
 
 
+def rows_by_length(rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Row indices [N] shortest first (by response length, then prompt length): consecutive rows then have similar
+    widths, so fixed-size chunks of them carry little padding once each is cut with `trim_rows`."""
+    prompt_len, response_len = row_extents(rows)
+    return np.lexsort((prompt_len, response_len))
+
+
 def trim_rows(rows: Mapping[str, np.ndarray], prompt_width: int, response_width: int) -> dict[str, np.ndarray]:
     """Keeps the last `prompt_width` prompt columns and the first `response_width` response columns of joined rows
     (any leading axes). Only padding may be cut: the log-probs, values and losses of the kept tokens are those of
