@@ -77,8 +77,8 @@ flags.DEFINE_bool("whiten_advantages", True, "PPO: whiten advantages over the ba
 flags.DEFINE_list("prompt_length_buckets", None,
                   "Padded rollout prompt lengths, e.g. 256,320 (default: powers of two). Each compiles once.")
 flags.DEFINE_bool("trim_padding", True,
-                  "Cut rollout rows to each log-prob chunk's / mini-batch's longest prompt and response (rounded up to "
-                  "a bucket) before training: same values, fewer FLOPs; each width compiles once.")
+                  "Sort rollout rows by length and cut each log-prob chunk and update micro-batch to its own longest "
+                  "prompt and response (rounded up to a bucket): same values, fewer FLOPs; each shape compiles once.")
 flags.DEFINE_list("response_length_buckets", None,
                   "Training widths of responses under --trim_padding, e.g. 128,256,512,1024 (default: powers of two "
                   ">= 64).")

@@ -78,10 +78,10 @@ class GRPOConfig:
     # Keep the frozen reference policy in the compute dtype (bf16): bit-identical reference log-probs, since the
     # forward pass casts every weight to the compute dtype anyway, at half the bytes of an fp32 copy.
     reference_in_compute_dtype: bool = True
-    # Cut the padding of rollout rows before the log-prob passes and the updates: each log-prob chunk (rows sorted
-    # by length) and each mini-batch is trained at its own longest prompt and response, rounded up to a bucket
-    # (prompt_length_buckets; response_length_buckets, None = powers of two >= 64). Same values, fewer FLOPs; each
-    # distinct (prompt, response) width compiles the log-prob pass and the update once.
+    # Cut the padding of rollout rows before the log-prob passes and the updates: rows are sorted by length
+    # (`GRPOTrainer.row_order`) and each log-prob chunk and update micro-batch is trained at its own longest prompt
+    # and response, rounded up to a bucket (prompt_length_buckets; response_length_buckets, None = powers of two
+    # >= 64). Same values, fewer FLOPs; each distinct shape compiles the log-prob pass or the update once.
     trim_padding: bool = True
     response_length_buckets: Optional[tuple[int, ...]] = None
     val_every: int = 5
@@ -223,20 +223,19 @@ def make_split_update_fns(graphdef: nnx.GraphDef, optimizer, optimizer_config: O
 # ---------------------------------------------------------------------------- host-side helpers
 def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
                      place: Callable[[dict], dict] = lambda b: b,
-                     trim: Optional[Callable[[dict], dict]] = None) -> tuple[np.ndarray, np.ndarray]:
+                     trim: Optional[Callable[[dict], dict]] = None,
+                     order: Callable[[dict], np.ndarray] = rows_by_length) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced log-probs and entropies [N, R] of every row, micro_rows at a time (bounded activation memory).
 
-    With `trim` (rows -> rows without padding columns, e.g. `GRPOTrainer.trim`), rows are taken shortest first so
-    that each chunk holds rows of similar length, and each chunk is cut before the pass; columns past a chunk's
-    width come back 0 (they are response padding).
+    With `trim` (rows -> rows without padding columns, e.g. `GRPOTrainer.trim`), rows are taken in `order` (rows ->
+    indices, shortest first) so that each chunk holds rows of similar length, and each chunk is cut before the
+    pass; columns past a chunk's width come back 0 (they are response padding).
     """
     n, r = rows["response_ids"].shape
-    order = np.arange(n)
-    if trim is not None:
-        order = rows_by_length(rows)
+    index_order = order(rows) if trim is not None else np.arange(n)
     pending = []  # every chunk is dispatched before any result is fetched: the host never idles the device
     for start in range(0, n, micro_rows):
-        index = order[start:start + micro_rows]
+        index = index_order[start:start + micro_rows]
         chunk = {k: v[index] for k, v in rows.items()}
         if trim is not None:
             chunk = trim(chunk)
@@ -265,6 +264,15 @@ def _response_bucket(length: int, buckets: Optional[Sequence[int]], cap: int, mi
     if buckets is None:
         return min(cap, max(minimum, next_power_of_two(length)))
     return min(cap, next((b for b in buckets if b >= length), cap))
+
+
+def trimmed_widths(prompt_len: np.ndarray, response_len: np.ndarray, sampling: SamplingConfig,
+                   response_buckets: Optional[Sequence[int]], prompt_cap: int, response_cap: int) -> tuple[int, int]:
+    """The (prompt, response) widths that rows with these real lengths are trained at under trim_padding: the
+    longest of each rounded up to its bucket (the sampler's prompt buckets; `response_buckets`, None = powers of
+    two >= 64), at most the rows' padded widths (the caps)."""
+    prompt = min(prompt_cap, prompt_length_bucket(int(np.max(prompt_len, initial=1)), sampling))
+    return prompt, _response_bucket(int(np.max(response_len, initial=1)), response_buckets, response_cap)
 
 
 @dataclasses.dataclass
@@ -343,11 +351,16 @@ class GRPOTrainer:
         """`rows` (any leading axes) cut to their longest prompt and response, each rounded up to its bucket (the
         sampler's prompt buckets; response_length_buckets)."""
         r = rows["response_ids"].shape[-1]
-        p = rows["input_ids"].shape[-1] - r
         prompt_len, response_len = row_extents(rows)
-        prompt_width = min(p, prompt_length_bucket(int(prompt_len.max(initial=1)), self.sampling_config()))
-        return trim_rows(rows, prompt_width,
-                         _response_bucket(int(response_len.max(initial=1)), self.config.response_length_buckets, r))
+        return trim_rows(rows, *trimmed_widths(prompt_len, response_len, self.sampling_config(),
+                                               self.config.response_length_buckets,
+                                               rows["input_ids"].shape[-1] - r, r))
+
+    def row_order(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """The order rows are trained in under trim_padding: by prompt bucket, then response length, then prompt
+        length, so that consecutive micro_batch_rows share both widths as far as possible."""
+        sampling = self.sampling_config()
+        return rows_by_length(rows, lambda n: prompt_length_bucket(n, sampling))
 
     def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
         c = self.config
@@ -367,13 +380,13 @@ class GRPOTrainer:
         """One actor update from a mini-batch's rows [rows, ...] (host arrays with old_logp, advantages, ...).
 
         Returns its metrics (device scalars) and the number of [row, column] cells trained. With trim_padding the
-        rows are taken shortest first and every micro-batch is cut to its own widths: micro-batches of one shape run
+        rows are taken in `row_order` and every micro-batch is cut to its own widths: micro-batches of one shape run
         as one fused program (`update_fn`, a scan), mixed shapes through `split_update` (one call per micro-batch,
         then the optimizer), with the same normalizers, so the update is the mini-batch token mean either way.
         """
         c = self.config
         n = minibatch["response_ids"].shape[0]
-        order = rows_by_length(minibatch) if c.trim_padding else np.arange(n)
+        order = self.row_order(minibatch) if c.trim_padding else np.arange(n)
         micros = [{k: v[order[s:s + c.micro_batch_rows]] for k, v in minibatch.items()}
                   for s in range(0, n, c.micro_batch_rows)]
         if c.trim_padding:
@@ -413,14 +426,14 @@ class GRPOTrainer:
         trim = self.trim if c.trim_padding else None
         if c.recompute_old_logprobs:
             old_logp, old_entropy = batched_logprobs(self.logprob_fn, (self.params, self.frozen), rows,
-                                                     c.micro_batch_rows, self.place, trim)
+                                                     c.micro_batch_rows, self.place, trim, self.row_order)
         else:
             old_logp, old_entropy = samples.logprobs.astype(np.float32), np.zeros_like(mask)
         old_logp = old_logp * mask
         ref_logp = None
         if self.ref_params is not None:
             ref_logp, _ = batched_logprobs(self.logprob_fn, (self.ref_params, self.frozen), rows,
-                                           c.micro_batch_rows, self.place, trim)
+                                           c.micro_batch_rows, self.place, trim, self.row_order)
             ref_logp = ref_logp * mask
         outcome = jnp.asarray(rewards.total, jnp.float32)
         if c.kl_in_reward and ref_logp is not None:
