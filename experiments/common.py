@@ -54,6 +54,11 @@ def define_common_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto-detected on TPU/SLURM).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (auto-detected on TPU/SLURM).")
     flags.DEFINE_integer("process_id", None, "This process's id (auto-detected on TPU/SLURM).")
+    flags.DEFINE_string("compilation_cache_dir", None,
+                        "Persistent XLA compilation cache shared across runs (e.g. a sweep's jobs, a resumed run): "
+                        "programs compiled once are loaded instead of recompiled. None = off.")
+    flags.DEFINE_float("compilation_cache_min_compile_secs", 1.0,
+                       "Only programs that took at least this long to compile are written to the cache.")
     flags.DEFINE_string("run_dir", "runs/default", "Run directory: checkpoints, metrics, samples, flags.")
     flags.DEFINE_integer("save_every", 10, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
@@ -97,12 +102,26 @@ def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig
         raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
 
 
+def enable_compilation_cache(cache_dir: Optional[str], min_compile_secs: float = 1.0) -> None:
+    """Points JAX's persistent compilation cache at `cache_dir` (None: leave it off). Call before compiling."""
+    if not cache_dir:
+        return
+    if min_compile_secs < 0:
+        raise app.UsageError(f"--compilation_cache_min_compile_secs must be >= 0, got {min_compile_secs}")
+    Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def make_mesh_and_placement() -> tuple[Any, Callable[[dict], dict], Optional[Callable]]:
     """(mesh or None, batch placement fn, param sharding fn for the loader) from the mesh flags.
 
     A single device gets no mesh (plain jit); several devices get a (data, fsdp, tensor) mesh with the default
-    partition rules and batches split over (data, fsdp).
+    partition rules and batches split over (data, fsdp). Also enables the compilation cache (--compilation_cache_dir)
+    first, since this is the entry points' first step.
     """
+    enable_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.compilation_cache_min_compile_secs)
     if FLAGS.distributed:
         from toolrl_jax.sharding import initialize_distributed
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

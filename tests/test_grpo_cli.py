@@ -50,7 +50,11 @@ def test_killed_run_resumes_exactly(tiny_chat_model_dir, tmp_path):
     assert (straight / "warmup_model" / "model.safetensors").is_file()
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_grpo_command(tiny_chat_model_dir, killed, *_WARM), cwd=REPO_ROOT,
+    # The killed run and its resume share a persistent compilation cache: the resume loads what the first compiled,
+    # and the results must still equal the uncached straight run's.
+    cache = tmp_path / "xla_cache"
+    cached = (*_WARM, f"--compilation_cache_dir={cache}", "--compilation_cache_min_compile_secs=0")
+    proc = subprocess.Popen(_grpo_command(tiny_chat_model_dir, killed, *cached), cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
@@ -64,7 +68,8 @@ def test_killed_run_resumes_exactly(tiny_chat_model_dir, tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "--resume" in refused.stderr
     warm_mtime = (killed / "warmup_model" / "model.safetensors").stat().st_mtime_ns
-    _run(_grpo_command(tiny_chat_model_dir, killed, *_WARM, "--resume"))
+    assert any(cache.iterdir()), "the killed run wrote compiled programs to the cache"
+    _run(_grpo_command(tiny_chat_model_dir, killed, *cached, "--resume"))
     assert (killed / "warmup_model" / "model.safetensors").stat().st_mtime_ns == warm_mtime, "warm-up re-ran"
 
     a, b = _metrics(straight), _metrics(killed)

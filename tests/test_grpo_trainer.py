@@ -201,3 +201,25 @@ def test_trainer_keeps_a_compute_dtype_reference_and_frees_the_sampler_copy_whil
     result = trainer.train_step(prompts, [e.ground_truth for e in train], jax.random.key(0))
     assert result.metrics["kl/old_ref_k1"] == 0.0, "bf16 reference == fp32 policy before the first update, exactly"
     trainer.sampler.generate(prompts[:1], trainer.sampling_config(greedy=True), jax.random.key(0))  # usable again
+
+
+def test_rewards_are_scored_while_the_logprob_passes_run(tiny_chat_model_dir):
+    """Every old-policy and reference log-prob chunk is dispatched before the host scores the rewards (so scoring
+    overlaps the device's passes); the step's results do not depend on that order."""
+    trainer, prompts, truths = _trainer(tiny_chat_model_dir, micro_batch_rows=2)
+    events = []
+    logprob_fn, score = trainer.logprob_fn, trainer.score
+
+    def counting_logprob_fn(params, rows):
+        events.append("logprob")
+        return logprob_fn(params, rows)
+
+    def recording_score(*args, **kwargs):
+        events.append("score")
+        return score(*args, **kwargs)
+
+    trainer.logprob_fn, trainer.score = counting_logprob_fn, recording_score
+    result = trainer.train_step(prompts, truths, jax.random.key(0))
+    # 8 rows in chunks of 2, old policy and reference: 8 passes, all before scoring.
+    assert events == ["logprob"] * 8 + ["score"]
+    assert result.metrics["time/score_s"] >= 0 and result.metrics["time/logprob_s"] > 0

@@ -221,31 +221,48 @@ def make_split_update_fns(graphdef: nnx.GraphDef, optimizer, optimizer_config: O
 
 
 # ---------------------------------------------------------------------------- host-side helpers
-def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
-                     place: Callable[[dict], dict] = lambda b: b,
-                     trim: Optional[Callable[[dict], dict]] = None,
-                     order: Callable[[dict], np.ndarray] = rows_by_length) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced log-probs and entropies [N, R] of every row, micro_rows at a time (bounded activation memory).
+def dispatch_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
+                      place: Callable[[dict], dict] = lambda b: b,
+                      trim: Optional[Callable[[dict], dict]] = None,
+                      order: Callable[[dict], np.ndarray] = rows_by_length) -> list[tuple[np.ndarray, Any]]:
+    """Starts the teacher-forced log-prob pass of every row, micro_rows at a time, without waiting for any result:
+    returns [(row indices, (logp, entropy) device arrays)] for `collect_logprobs`. The host is free meanwhile.
 
     With `trim` (rows -> rows without padding columns, e.g. `GRPOTrainer.trim`), rows are taken in `order` (rows ->
     indices, shortest first) so that each chunk holds rows of similar length, and each chunk is cut before the
-    pass; columns past a chunk's width come back 0 (they are response padding).
+    pass.
     """
-    n, r = rows["response_ids"].shape
+    n = rows["response_ids"].shape[0]
     index_order = order(rows) if trim is not None else np.arange(n)
-    pending = []  # every chunk is dispatched before any result is fetched: the host never idles the device
+    pending = []
     for start in range(0, n, micro_rows):
         index = index_order[start:start + micro_rows]
         chunk = {k: v[index] for k, v in rows.items()}
         if trim is not None:
             chunk = trim(chunk)
         pending.append((index, logprob_fn(params, place(chunk))))
-    logps, ents = np.zeros((n, r), np.float32), np.zeros((n, r), np.float32)
+    return pending
+
+
+def collect_logprobs(pending: list[tuple[np.ndarray, Any]], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs and entropies [N, R] from `dispatch_logprobs`; columns past a chunk's trimmed width are 0 (they are
+    response padding)."""
+    logps, ents = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     for index, (logp, ent) in pending:
         logp, ent = jax.device_get((logp, ent))
         logps[index, :logp.shape[1]] = logp
         ents[index, :ent.shape[1]] = ent
     return logps, ents
+
+
+def batched_logprobs(logprob_fn, params, rows: dict[str, np.ndarray], micro_rows: int,
+                     place: Callable[[dict], dict] = lambda b: b,
+                     trim: Optional[Callable[[dict], dict]] = None,
+                     order: Callable[[dict], np.ndarray] = rows_by_length) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced log-probs and entropies [N, R] of every row, micro_rows at a time (bounded activation memory);
+    every chunk is dispatched before any result is fetched. Arguments as `dispatch_logprobs`."""
+    pending = dispatch_logprobs(logprob_fn, params, rows, micro_rows, place, trim, order)
+    return collect_logprobs(pending, rows["response_ids"].shape)
 
 
 def stack_minibatches(arrays: dict[str, np.ndarray], rows_per_minibatch: int, micro_rows: int
@@ -417,24 +434,31 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         samples = self.sampler.generate(prompt_ids, self.sampling_config(), key)
         t_gen = time.perf_counter()
-        rewards = self.score(samples, ground_truths, step)
-        t_score = time.perf_counter()
-
         rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids,
                                         samples.response_mask)
         mask = rows["response_mask"]
+        # The old-policy and reference log-prob passes are dispatched first and the rewards scored on the host
+        # while the device computes them (neither needs the other).
         trim = self.trim if c.trim_padding else None
+        pending_old = pending_ref = None
         if c.recompute_old_logprobs:
-            old_logp, old_entropy = batched_logprobs(self.logprob_fn, (self.params, self.frozen), rows,
-                                                     c.micro_batch_rows, self.place, trim, self.row_order)
+            pending_old = dispatch_logprobs(self.logprob_fn, (self.params, self.frozen), rows, c.micro_batch_rows,
+                                            self.place, trim, self.row_order)
+        if self.ref_params is not None:
+            pending_ref = dispatch_logprobs(self.logprob_fn, (self.ref_params, self.frozen), rows,
+                                            c.micro_batch_rows, self.place, trim, self.row_order)
+        t_dispatch = time.perf_counter()
+        rewards = self.score(samples, ground_truths, step)
+        t_score = time.perf_counter()
+
+        if pending_old is not None:
+            old_logp, old_entropy = collect_logprobs(pending_old, mask.shape)
         else:
             old_logp, old_entropy = samples.logprobs.astype(np.float32), np.zeros_like(mask)
         old_logp = old_logp * mask
         ref_logp = None
-        if self.ref_params is not None:
-            ref_logp, _ = batched_logprobs(self.logprob_fn, (self.ref_params, self.frozen), rows,
-                                           c.micro_batch_rows, self.place, trim, self.row_order)
-            ref_logp = ref_logp * mask
+        if pending_ref is not None:
+            ref_logp = collect_logprobs(pending_ref, mask.shape)[0] * mask
         outcome = jnp.asarray(rewards.total, jnp.float32)
         if c.kl_in_reward and ref_logp is not None:
             scores = kl_penalized_scores(outcome, jnp.asarray(old_logp), jnp.asarray(ref_logp), jnp.asarray(mask),
@@ -490,8 +514,10 @@ class GRPOTrainer:
             "score/mean": float(jnp.mean(scores)),
             "advantage/abs_mean": float(jnp.mean(jnp.abs(adv))),
             "time/generate_s": t_gen - t0,
-            "time/score_s": t_score - t_gen,
-            "time/logprob_s": t_prep - t_score,
+            # scoring runs on the host while the device computes the log-prob passes: score_s is its host time,
+            # logprob_s the rest of the wall time until the advantages are ready (dispatch included)
+            "time/score_s": t_score - t_dispatch,
+            "time/logprob_s": (t_dispatch - t_gen) + (t_prep - t_score),
             "time/train_s": t_train - t_prep,
             "time/step_s": t_train - t0,
             "throughput/new_tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
