@@ -15,7 +15,10 @@ updates (--ppo_epochs) compute:
   none        no trimming: every row at the step's prompt bucket + the whole response budget,
   minibatch   log-prob chunks of sorted rows cut to their own widths, each update mini-batch cut to its longest row
               (the trainer before per-micro-batch widths),
-  micro       log-prob chunks as above, and every update micro-batch of sorted rows cut to its own widths (now).
+  micro       log-prob chunks as above, and every update micro-batch of sorted rows cut to its own widths (now),
+  aligned     not implemented in the trainer, counted to size the next step: rows left-aligned ([prompt | response |
+              padding]), sorted by total length, every chunk and micro-batch one width, the longest prompt +
+              response rounded up to a power of two (>= 64) or to a multiple of --aligned_bucket.
 
 FLOPs per row of width w with r response positions, forward: 2 * N_body * w (projections; N_body = parameters
 without the embedding table) + 4 * layers * heads * head_dim * w^2 (the masked einsum attention computes every
@@ -52,10 +55,12 @@ _REFERENCE = flags.DEFINE_bool("reference", True, "Count the reference model's l
 _PROMPT_BUCKETS = flags.DEFINE_list("prompt_length_buckets", None, "Prompt buckets (default: powers of two).")
 _RESPONSE_BUCKETS = flags.DEFINE_list("response_length_buckets", None,
                                       "Response buckets (default: powers of two >= 64).")
+_ALIGNED_BUCKET = flags.DEFINE_integer("aligned_bucket", 0,
+                                       "Width step of the `aligned` scheme (0 = powers of two >= 64).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON report here too.")
 
-SCHEMES = ("none", "minibatch", "micro")
+SCHEMES = ("none", "minibatch", "micro", "aligned")
 
 
 def _ints(values: Optional[Sequence[str]]) -> Optional[tuple[int, ...]]:
@@ -94,10 +99,17 @@ class Layout:
         self.shapes[phase].add((rows, prompt_width, response_width))
 
 
+def aligned_width(total: int, step: int) -> int:
+    """The `aligned` scheme's width for a longest row of `total` tokens."""
+    from toolrl_jax.sampling.config import next_power_of_two
+
+    return max(64, next_power_of_two(total)) if step <= 0 else -(-total // step) * step
+
+
 def lay_out_step(prompt_len: np.ndarray, response_len: np.ndarray, layouts: dict[str, Layout], *, micro: int,
                  rows_per_minibatch: int, epochs: int, logprob_passes: int, sampling: Any,
-                 response_buckets: Optional[tuple[int, ...]], max_response: int) -> None:
-    """Adds one step's rows (in rollout order) to every scheme's counts."""
+                 response_buckets: Optional[tuple[int, ...]], max_response: int, aligned_bucket: int = 0) -> None:
+    """Adds one step's rows (in rollout order) to every scheme's counts (the schemes present in `layouts`)."""
     from toolrl_jax.sampling.config import prompt_length_bucket
     from toolrl_jax.training.grpo import trimmed_widths
     from toolrl_jax.training.sequences import length_order
@@ -124,6 +136,16 @@ def lay_out_step(prompt_len: np.ndarray, response_len: np.ndarray, layouts: dict
         index = rows_in_order[start:start + micro]
         for scheme in ("minibatch", "micro"):
             layouts[scheme].add("logprob", index.size, *widths(index), logprob_passes)
+    if "aligned" in layouts:  # one width per chunk: its longest prompt + response; responses at their own bucket
+        total = prompt_len + response_len
+        by_total = np.argsort(total, kind="stable")
+        for start in range(0, n, micro):
+            index = by_total[start:start + micro]
+            width = aligned_width(int(total[index].max()), aligned_bucket)
+            response_width = widths(index)[1]
+            layouts["aligned"].add("logprob", index.size, width - response_width, response_width, logprob_passes)
+            for _ in range(epochs):  # the same chunks form the update's micro-batches (a pure-compute count)
+                layouts["aligned"].add("update", index.size, width - response_width, response_width, 3)
     for start in range(0, n, rows_per_minibatch):
         mini = np.arange(start, min(n, start + rows_per_minibatch))
         p_w, r_w = widths(mini)
@@ -166,7 +188,8 @@ def main(argv: Sequence[str]) -> None:
         real_tokens += float((prompt_len + response_len).sum())
         lay_out_step(prompt_len, response_len, layouts, micro=_MICRO.value, rows_per_minibatch=rows_per_minibatch,
                      epochs=_EPOCHS.value, logprob_passes=2 if _REFERENCE.value else 1, sampling=sampling,
-                     response_buckets=response_buckets, max_response=_MAX_RESPONSE.value)
+                     response_buckets=response_buckets, max_response=_MAX_RESPONSE.value,
+                     aligned_bucket=_ALIGNED_BUCKET.value)
 
     passes = (2 if _REFERENCE.value else 1) + 3 * _EPOCHS.value  # forward-equivalents per row and step
     report: dict[str, Any] = {

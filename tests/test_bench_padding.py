@@ -20,7 +20,7 @@ def test_layouts_count_the_cells_the_trainer_computes():
     # Prompt buckets: 10 -> 32 (the minimum), 100 -> 128; response buckets: 5 -> 64, 70 -> 128 (the budget).
     prompt_len, response_len = np.array([10, 100, 10, 100]), np.array([5, 5, 70, 70])
     config = ModelConfig.tiny("qwen2")
-    layouts = {s: Layout(config) for s in ("none", "minibatch", "micro")}
+    layouts = {s: Layout(config) for s in ("none", "minibatch", "micro", "aligned")}
     lay_out_step(prompt_len, response_len, layouts, micro=2, rows_per_minibatch=4, epochs=1, logprob_passes=2,
                  sampling=SamplingConfig(max_new_tokens=128), response_buckets=None, max_response=128)
     # none: 4 rows x (128 + 128), 2 log-prob passes + 3 (one update, forward and backward).
@@ -32,6 +32,8 @@ def test_layouts_count_the_cells_the_trainer_computes():
     assert layouts["micro"].shapes == {"logprob": {(2, 32, 128), (2, 128, 128)},
                                        "update": {(2, 32, 128), (2, 128, 128)}}
     assert layouts["none"].shapes["update"] == {(2, 128, 128)}
+    # aligned (not in the trainer): totals 15, 105, 80, 170 -> chunks {0, 2} at 128 and {1, 3} at 256 columns.
+    assert layouts["aligned"].cells == 5 * 2 * (128 + 256)
     # FLOPs: the projections scale with the cells, attention with the width squared.
     body = layouts["none"].body
     assert body == config.num_params - 2 * config.vocab_size * config.hidden_size
