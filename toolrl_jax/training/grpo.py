@@ -213,7 +213,7 @@ def make_split_update_fns(graphdef: nnx.GraphDef, optimizer, optimizer_config: O
 
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     if param_shardings is None:
-            return SplitUpdateFns(jax.jit(zeros), jax.jit(accumulate, donate_argnums=(2,)),
+        return SplitUpdateFns(jax.jit(zeros), jax.jit(accumulate, donate_argnums=(2,)),
                               jax.jit(apply, donate_argnums=(0, 1)))
     return SplitUpdateFns(jax.jit(zeros, out_shardings=param_shardings),
                           jax.jit(accumulate, donate_argnums=(2,), out_shardings=(param_shardings, None)),
