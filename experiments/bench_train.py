@@ -14,8 +14,9 @@ wall time of a full GRPO step (generate / score / train split).
 Every measurement runs in its own subprocess of this script (`--worker=...`), so peak-memory figures are per
 workload and JAX and PyTorch never share an allocator.
 
-train_step. Ours: `toolrl_jax.training.grpo.make_update_fn` (the trainer's jitted update: teacher-forced response
-log-probs, PPO-clip loss with the entropy bonus, token-mean over the mini-batch, global-norm clip, AdamW) with
+train_step. Ours: `toolrl_jax.training.grpo.make_update_fn` (the trainer's jitted update for micro-batches of one
+shape, as these uniform rows are; mixed shapes run the same gradient code once per micro-batch: teacher-forced
+response log-probs, PPO-clip loss with the entropy bonus, token-mean over the mini-batch, global-norm clip, AdamW) with
 bf16 compute and fp32 master weights by default, compiled once ahead of time and then called with donated
 params/optimizer state. Rows are [prompt | response] with every token real: --seq_len tokens of which the last
 --response_len are response tokens scored by the loss. Variants: attention "xla" (masked einsum) or "cudnn" (fused,
