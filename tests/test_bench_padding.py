@@ -1,5 +1,5 @@
-"""experiments/bench_padding.py: cells and FLOPs of each padding scheme by hand on four rows, and a run on the real
-ToolRL SFT data."""
+"""toolrl_jax.training.padding_plan and experiments/bench_padding.py: cells and FLOPs of each padding scheme by hand
+on four rows, and a run on the real ToolRL SFT data."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.bench_padding import Layout, lay_out_step
+from toolrl_jax.training.padding_plan import Layout, lay_out_step
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.sampling.config import SamplingConfig
 
