@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -39,21 +39,18 @@ _MAX_RESPONSE = flags.DEFINE_integer("max_response_length", 1024, "Response budg
 _SCALE = flags.DEFINE_float("response_scale", 1.0, "Response length = reference answer length x this.")
 _JITTER = flags.DEFINE_float("response_jitter", 0.3, "Log-normal sigma of each sample's response length.")
 _REFERENCE = flags.DEFINE_bool("reference", True, "Count the reference model's log-prob pass (KL term on).")
-_PROMPT_BUCKETS = flags.DEFINE_list("prompt_length_buckets", None, "Prompt buckets (default: powers of two).")
-_RESPONSE_BUCKETS = flags.DEFINE_list("response_length_buckets", None,
-                                      "Response buckets (default: powers of two >= 64).")
+flags.DEFINE_list("prompt_length_buckets", None, "Prompt buckets (default: powers of two).")
+flags.DEFINE_list("response_length_buckets", None, "Response buckets (default: powers of two >= 64).")
 _ALIGNED_BUCKET = flags.DEFINE_integer("aligned_bucket", 0,
                                        "Width step of the `aligned` scheme (0 = powers of two >= 64).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON report here too.")
 
-def _ints(values: Optional[Sequence[str]]) -> Optional[tuple[int, ...]]:
-    return None if not values else tuple(int(v) for v in values)
-
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from experiments.common import int_list_flag
     from toolrl_jax import assets
     from toolrl_jax import memory_model as mm
     from toolrl_jax.sampling.config import SamplingConfig
@@ -71,8 +68,9 @@ def main(argv: Sequence[str]) -> None:
         prompt_pool, answer_pool = data_lengths(_DATA.value, tokenizer, _MAX_PROMPT.value)
     except ValueError as e:
         raise app.UsageError(f"--data: {e}") from None
-    sampling = SamplingConfig(max_new_tokens=_MAX_RESPONSE.value, prompt_length_buckets=_ints(_PROMPT_BUCKETS.value))
-    response_buckets = _ints(_RESPONSE_BUCKETS.value)
+    sampling = SamplingConfig(max_new_tokens=_MAX_RESPONSE.value,
+                              prompt_length_buckets=int_list_flag("prompt_length_buckets"))
+    response_buckets = int_list_flag("response_length_buckets")
     model_config = mm.model_config(_MODEL.value)
     layouts = {s: Layout(model_config) for s in SCHEMES}
     rng = np.random.default_rng(_SEED.value)

@@ -102,14 +102,26 @@ def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig
         raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
 
 
+def int_list_flag(name: str) -> Optional[tuple[int, ...]]:
+    """The integers of list flag --name, sorted (None when unset); a non-integer entry stops with the flag named."""
+    values = getattr(FLAGS, name)
+    if values is None:
+        return None
+    try:
+        return tuple(sorted(int(v) for v in values))
+    except ValueError:
+        raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers") from None
+
+
 def enable_compilation_cache(cache_dir: Optional[str], min_compile_secs: float = 1.0) -> None:
     """Points JAX's persistent compilation cache at `cache_dir` (None: leave it off). Call before compiling."""
     if not cache_dir:
         return
     if min_compile_secs < 0:
         raise app.UsageError(f"--compilation_cache_min_compile_secs must be >= 0, got {min_compile_secs}")
-    Path(cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -21,8 +21,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments import reward_flags
-from experiments.common import (define_common_flags, load_model_and_tokenizer, load_split, make_mesh_and_placement,
-                                optimizer_config_from_flags, validate_common_flags)
+from experiments.common import (define_common_flags, int_list_flag, load_model_and_tokenizer, load_split,
+                                make_mesh_and_placement, optimizer_config_from_flags, validate_common_flags)
 from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.datasets.batching import BatchingConfig, PromptDataset, chat_encoder
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
@@ -125,8 +125,8 @@ def grpo_config_from_flags(num_layers: Optional[int] = None) -> GRPOConfig:
         optimizer=optimizer_config_from_flags(_total_updates()), reward=reward_flags.reward_config_from_flags(),
         val_every=FLAGS.val_every, val_max_new_tokens=FLAGS.val_max_new_tokens, val_samples=FLAGS.val_samples,
         log_samples=FLAGS.log_samples,
-        seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=_int_list("prompt_length_buckets"),
-        trim_padding=FLAGS.trim_padding, response_length_buckets=_int_list("response_length_buckets"),
+        seed=FLAGS.seed, trainable_regex=trainable_regex, prompt_length_buckets=int_list_flag("prompt_length_buckets"),
+        trim_padding=FLAGS.trim_padding, response_length_buckets=int_list_flag("response_length_buckets"),
         logits_chunk_size=FLAGS.logits_chunk_size or None, reference_in_compute_dtype=FLAGS.reference_in_compute_dtype)
 
 
@@ -135,16 +135,6 @@ def _total_updates() -> Optional[int]:
     if FLAGS.mini_batch_prompts < 1 or FLAGS.prompts_per_step % FLAGS.mini_batch_prompts:
         return None  # GRPOConfig names the problem
     return FLAGS.total_steps * FLAGS.ppo_epochs * (FLAGS.prompts_per_step // FLAGS.mini_batch_prompts)
-
-
-def _int_list(name: str) -> Optional[tuple[int, ...]]:
-    values = getattr(FLAGS, name)
-    if values is None:
-        return None
-    try:
-        return tuple(sorted(int(v) for v in values))
-    except ValueError:
-        raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers") from None
 
 
 def _validate_flags(num_layers: Optional[int] = None) -> GRPOConfig:

@@ -312,7 +312,8 @@ class Critic:
         missing = [k for k in UPDATE_KEYS if k not in minibatch]
         if missing:
             raise KeyError(f"Critic.update: mini-batch lacks {missing}")
-        mb = place_stacked(self.place, {k: minibatch[k] for k in UPDATE_KEYS})
+        num_micro = minibatch[UPDATE_KEYS[0]].shape[0]
+        mb = place_stacked(self.place, [{k: minibatch[k][i] for k in UPDATE_KEYS} for i in range(num_micro)])
         self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, mb)
         return metrics
 

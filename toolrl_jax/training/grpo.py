@@ -36,8 +36,8 @@ from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
 from toolrl_jax.training.accumulation import accumulate_gradients, place_stacked
 from toolrl_jax.training.critic import Critic, CriticConfig
-from toolrl_jax.training.sequences import (join_prompt_and_response, response_logprobs, row_extents, rows_by_length,
-                                          trim_rows)
+from toolrl_jax.training.sequences import (join_prompt_and_response, length_order, response_logprobs, row_extents,
+                                          rows_by_length, trim_rows)
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 logger = logging.getLogger(__name__)
@@ -292,6 +292,13 @@ def trimmed_widths(prompt_len: np.ndarray, response_len: np.ndarray, sampling: S
     return prompt, _response_bucket(int(np.max(response_len, initial=1)), response_buckets, response_cap)
 
 
+def training_order(prompt_len: np.ndarray, response_len: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
+    """Row indices in the order rows are trained under trim_padding: by prompt bucket (the sampler's), then response
+    length, then prompt length, so that consecutive micro_batch_rows share both widths as far as possible."""
+    buckets = np.array([prompt_length_bucket(int(n), sampling) for n in prompt_len], np.int64)
+    return length_order(prompt_len, response_len, buckets)
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one GRPO step produced (for logging and tests)."""
@@ -374,10 +381,8 @@ class GRPOTrainer:
                                                rows["input_ids"].shape[-1] - r, r))
 
     def row_order(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        """The order rows are trained in under trim_padding: by prompt bucket, then response length, then prompt
-        length, so that consecutive micro_batch_rows share both widths as far as possible."""
-        sampling = self.sampling_config()
-        return rows_by_length(rows, lambda n: prompt_length_bucket(n, sampling))
+        """The order rows are trained in under trim_padding (`training_order` of their real lengths)."""
+        return training_order(*row_extents(rows), self.sampling_config())
 
     def sampling_config(self, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingConfig:
         c = self.config
@@ -410,7 +415,7 @@ class GRPOTrainer:
             micros = [self.trim(m) for m in micros]
         cells = sum(m["input_ids"].size for m in micros)
         if len({(m["input_ids"].shape, m["response_ids"].shape) for m in micros}) == 1:
-            stacked = place_stacked(self.place, {k: np.stack([m[k] for m in micros]) for k in micros[0]})
+            stacked = place_stacked(self.place, micros)
             self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, stacked)
             return metrics, cells
         fns = self.split_update

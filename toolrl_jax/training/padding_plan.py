@@ -24,8 +24,7 @@ import numpy as np
 
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt_length_bucket
-from toolrl_jax.training.grpo import trimmed_widths
-from toolrl_jax.training.sequences import length_order
+from toolrl_jax.training.grpo import training_order, trimmed_widths
 
 SCHEMES = ("none", "minibatch", "micro", "aligned")
 
@@ -75,10 +74,9 @@ def lay_out_step(prompt_len: np.ndarray, response_len: np.ndarray, layouts: dict
     present in `layouts`."""
     n = prompt_len.size
     padded_prompt = prompt_length_bucket(int(prompt_len.max()), sampling)
-    prompt_width = np.array([prompt_length_bucket(int(p), sampling) for p in prompt_len])
 
     def order(index: np.ndarray) -> np.ndarray:  # GRPOTrainer.row_order
-        return index[length_order(prompt_len[index], response_len[index], prompt_width[index])]
+        return index[training_order(prompt_len[index], response_len[index], sampling)]
 
     caps = dict(sampling=sampling, response_buckets=response_buckets, prompt_cap=padded_prompt,
                 response_cap=max_response)
@@ -103,8 +101,8 @@ def lay_out_step(prompt_len: np.ndarray, response_len: np.ndarray, layouts: dict
             width = aligned_width(int(total[index].max()), aligned_bucket)
             response_width = widths(index)[1]
             layouts["aligned"].add("logprob", index.size, width - response_width, response_width, logprob_passes)
-            for _ in range(epochs):  # the same chunks form the update's micro-batches (a pure-compute count)
-                layouts["aligned"].add("update", index.size, width - response_width, response_width, 3)
+            # the same chunks form the update's micro-batches (a pure-compute count)
+            layouts["aligned"].add("update", index.size, width - response_width, response_width, 3 * epochs)
     for start in range(0, n, rows_per_minibatch):
         mini = np.arange(start, min(n, start + rows_per_minibatch))
         p_w, r_w = widths(mini)

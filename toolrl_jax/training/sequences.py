@@ -113,12 +113,9 @@ def length_order(prompt_len: np.ndarray, response_len: np.ndarray, prompt_width:
     return np.lexsort(keys)
 
 
-def rows_by_length(rows: Mapping[str, np.ndarray], prompt_bucket: Optional[Callable[[int], int]] = None
-                   ) -> np.ndarray:
-    """`length_order` of joined rows; prompt_bucket maps a prompt length to its padded width (None: raw lengths)."""
-    prompt_len, response_len = row_extents(rows)
-    width = None if prompt_bucket is None else np.array([prompt_bucket(int(n)) for n in prompt_len], np.int64)
-    return length_order(prompt_len, response_len, width)
+def rows_by_length(rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`length_order` of joined rows by their real lengths."""
+    return length_order(*row_extents(rows))
 
 
 def trim_rows(rows: Mapping[str, np.ndarray], prompt_width: int, response_width: int) -> dict[str, np.ndarray]:
