@@ -163,7 +163,7 @@ def test_sft_json_reader_and_writer(shared_dir, sft_rows, tmp_path):
 def test_reader_errors_name_file_and_row(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "s", "input": "u", "output": "o"}, {"instruction": "s"}]))
-    with pytest.raises(DataFileError, match=r"bad\.json: row 1: 'input'"):
+    with pytest.raises(DataFileError, match=r"bad\.json: row 1 \(0-based\): 'input'"):
         read_json(bad)
     table = pa.table({"prompt": pa.array([[{"content": "c", "role": "user"}]])})
     pq.write_table(table, tmp_path / "nogt.parquet")
@@ -276,7 +276,7 @@ def test_toolace_bad_rows_are_reported_not_raised():
     assert "ambiguous" in reasons[0] and "not valid JSON" in reasons[1] and "observation" in reasons[2]
     assert "no tool JSON list" in reasons[3] and "matches no listed tool" in reasons[5]
     assert "dropped 2 remaining" in reasons[5] and report.failed[-1].step == 1
-    assert "raw.json: row 5, step 1" in str(report.failed[-1])
+    assert "raw.json: row 5 (0-based), step 1" in str(report.failed[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@
   aside: the pandas index metadata of the original files is not written).
 * SFT JSON (SFT400 layout): a list of {instruction, input, output} = system, user, assistant. `.jsonl` (one
   object per line) is accepted too, and so are JSON rows in the RL layout.
+
+Errors name the file and the row: "row N (0-based)" for parquet and JSON lists, "line N" (1-based) for JSONL
+(see `records`). The readers here check layout only; `loading.load_examples` also checks every ground truth.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 
 from toolrl_jax.datasets.example import (DEFAULT_ABILITY, DEFAULT_DATA_SOURCE, DEFAULT_REWARD_STYLE,
                                          ToolRLExample)
+from toolrl_jax.datasets.records import DataFileError, Records, RowError, read_json_records
 
 _MESSAGE = pa.struct([("content", pa.string()), ("role", pa.string())])
 _EXTRA_INFO_FIELDS = [("index", pa.int64()), ("input", pa.string()), ("instruction", pa.string()),
@@ -33,54 +37,52 @@ PARQUET_SCHEMA = pa.schema([
 ])
 
 
-class DataFileError(ValueError):
-    """A data file (or one of its rows) that does not have the expected layout."""
-
-
-def _row_error(path: Path | str, row: int, message: str) -> DataFileError:
-    return DataFileError(f"{path}: row {row}: {message}")
-
-
-def example_from_rl_row(row: Mapping[str, Any], row_number: int, path: Path | str = "<memory>") -> ToolRLExample:
-    """One RL-layout row (a dict as pyarrow's `to_pylist` gives it) -> ToolRLExample."""
+def example_from_rl_row(row: Mapping[str, Any], index: int) -> ToolRLExample:
+    """One RL-layout row (a dict as pyarrow's `to_pylist` gives it) -> ToolRLExample (`index` unless extra_info
+    has one). Raises RowError saying what is wrong."""
     prompt = row.get("prompt")
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise _row_error(path, row_number, "'prompt' must be a non-empty list of {role, content}")
+        raise RowError("'prompt' must be a non-empty list of {role, content}")
     reward_model = row.get("reward_model")
     if not isinstance(reward_model, Mapping) or not isinstance(reward_model.get("ground_truth"), str):
-        raise _row_error(path, row_number, "'reward_model.ground_truth' must be a string")
+        raise RowError("'reward_model.ground_truth' must be a string")
     extra = row.get("extra_info")
     if extra is not None and not isinstance(extra, Mapping):
-        raise _row_error(path, row_number, "'extra_info' must be a struct/dict")
+        raise RowError("'extra_info' must be a struct/dict")
     extra = dict(extra or {})
     try:
         example = ToolRLExample(
             prompt_messages=list(prompt), ground_truth=reward_model["ground_truth"],
-            index=row_number if extra.get("index") is None else extra["index"],
+            index=index if extra.get("index") is None else extra["index"],
             source=row.get("data_source") or DEFAULT_DATA_SOURCE, split=extra.get("split") or "",
             ability=row.get("ability") or DEFAULT_ABILITY,
             reward_style=reward_model.get("style") or DEFAULT_REWARD_STYLE)
     except (TypeError, ValueError) as err:
-        raise _row_error(path, row_number, str(err)) from err
+        raise RowError(str(err)) from err
     if extra and extra != example.derived_extra_info():
         example = dataclasses.replace(example, extra_info=extra)
     return example
 
 
-def example_from_sft_record(record: Mapping[str, Any], row_number: int, source: str,
-                            path: Path | str = "<memory>", split: str = "train") -> ToolRLExample:
+def example_from_sft_record(record: Mapping[str, Any], index: int, source: str,
+                            split: str = "train") -> ToolRLExample:
     """One {instruction, input, output} record -> ToolRLExample (system = instruction, user = input)."""
     for key in ("instruction", "input", "output"):
         if not isinstance(record.get(key), str):
-            raise _row_error(path, row_number, f"'{key}' must be a string (SFT layout: instruction, input, output)")
+            raise RowError(f"'{key}' must be a string (SFT layout: instruction, input, output)")
     return ToolRLExample(prompt_messages=[{"role": "system", "content": record["instruction"]},
                                           {"role": "user", "content": record["input"]}],
-                         ground_truth=record["output"], index=row_number, source=source, split=split)
+                         ground_truth=record["output"], index=index, source=source, split=split)
 
 
-def read_parquet(path: str | Path) -> list[ToolRLExample]:
-    """Examples of an RL parquet file, in file order."""
-    path = Path(path)
+def example_from_json_record(record: Any, index: int, source: str) -> ToolRLExample:
+    """One record of a JSON/JSONL data file: SFT layout, or RL layout when it has a 'prompt'."""
+    if not isinstance(record, Mapping):
+        raise RowError(f"expected an object, got {type(record).__name__}")
+    return example_from_rl_row(record, index) if "prompt" in record else example_from_sft_record(record, index, source)
+
+
+def _parquet_rows(path: Path) -> Records[ToolRLExample]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
@@ -88,55 +90,41 @@ def read_parquet(path: str | Path) -> list[ToolRLExample]:
     missing = {"prompt", "reward_model"} - set(table.column_names)
     if missing:
         raise DataFileError(f"{path}: missing column(s) {sorted(missing)}; columns are {table.column_names}")
-    return [example_from_rl_row(row, i, path) for i, row in enumerate(table.to_pylist())]
+    return Records(str(path), "row", list(enumerate(table.to_pylist()))).map(example_from_rl_row)
 
 
-def read_json_records(path: str | Path) -> list[Any]:
-    """The records of a JSON list file or a JSONL file (one object per line)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataFileError(f"{path}: line {n + 1}: invalid JSON: {err}") from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataFileError(f"{path}: invalid JSON: {err}") from None
-    if not isinstance(data, list):
-        raise DataFileError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+def _json_rows(path: Path, source: str) -> Records[ToolRLExample]:
+    return read_json_records(path).map(lambda record, i: example_from_json_record(record, i, source))
 
 
-def read_json(path: str | Path, source: str = "rlla_sft") -> list[ToolRLExample]:
-    """Examples of an SFT JSON/JSONL file ({instruction, input, output}; RL-layout rows are accepted too)."""
-    path = Path(path)
-    examples = []
-    for i, record in enumerate(read_json_records(path)):
-        if not isinstance(record, Mapping):
-            raise _row_error(path, i, f"expected an object, got {type(record).__name__}")
-        if "prompt" in record:
-            examples.append(example_from_rl_row(record, i, path))
-        else:
-            examples.append(example_from_sft_record(record, i, source, path))
-    return examples
-
-
-def read_examples(path: str | Path, source: str | None = None) -> list[ToolRLExample]:
-    """Reads a parquet or JSON/JSONL ToolRL file, chosen by suffix."""
+def read_rows(path: str | Path, source: str | None = None) -> Records[ToolRLExample]:
+    """Every row of a parquet or JSON/JSONL ToolRL file (chosen by suffix) as an example or a RowIssue. Whole-file
+    problems (missing file or columns, unreadable file) raise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     if path.suffix == ".parquet":
-        return read_parquet(path)
+        return _parquet_rows(path)
     if path.suffix in (".json", ".jsonl"):
-        return read_json(path, source=source or "rlla_sft")
+        return _json_rows(path, source or "rlla_sft")
     raise DataFileError(f"{path}: unknown data file type (expected .parquet, .json or .jsonl)")
+
+
+def read_parquet(path: str | Path) -> list[ToolRLExample]:
+    """Examples of an RL parquet file, in file order (DataFileError at the first bad row)."""
+    return _parquet_rows(Path(path)).strict()
+
+
+def read_json(path: str | Path, source: str = "rlla_sft") -> list[ToolRLExample]:
+    """Examples of an SFT JSON/JSONL file ({instruction, input, output}; RL-layout rows are accepted too);
+    DataFileError at the first bad row."""
+    return _json_rows(Path(path), source).strict()
+
+
+def read_examples(path: str | Path, source: str | None = None) -> list[ToolRLExample]:
+    """Reads a parquet or JSON/JSONL ToolRL file, chosen by suffix; DataFileError at the first row with a bad
+    layout. Ground truths are not checked: see `loading.load_examples` for that."""
+    return read_rows(path, source).strict()
 
 
 def _extra_info(example: ToolRLExample) -> dict[str, Any]:

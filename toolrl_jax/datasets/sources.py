@@ -11,7 +11,12 @@
   QUERY]\\n...\\n[END OF QUERY]", "input": "", "output": "```\\n[{name, arguments}]\\n```"}.
 * xLAM: {"query": str, "tools": list or JSON string, "answers": list or JSON string of {name, arguments}}.
 
-Rows that cannot be converted never raise: they are recorded in a `ConversionReport` with file, row and reason.
+Rows that cannot be converted never raise: they are recorded in a `ConversionReport` with file, row and reason. A
+missing required field is such a row (never a default): xLAM `query`/`tools`/`answers`, Hammer `instruction`/
+`output` (and `input` when the instruction has no query block), ToolACE `conversations` (and `system` when `tools`
+is empty) and each turn's `from`/`value`, and `name`/`arguments` of every call. Rows of a raw file that cannot be
+read (a JSONL line that is not UTF-8 or not JSON, a record with bytes that are not UTF-8) are reported the same
+way; positions are "row N (0-based)" for JSON lists and "line N" (1-based) for JSONL files.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Any, Literal
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.datasets.format import (FormatError, ToolSpec, format_assistant_turn, format_obs, format_user,
                                         prompt_messages, render_system_prompt)
-from toolrl_jax.datasets.io import read_json_records
+from toolrl_jax.datasets.records import Records, RowIssue, RowUnit, read_json_records, row_label
 
 EmptyCallPolicy = Literal["skip", "response"]
 # Reference turn for a query no listed tool can serve, used when empty_calls="response".
@@ -40,9 +45,12 @@ class ConversionIssue:
     row: int
     reason: str
     step: int | None = None
+    unit: RowUnit = "row"
 
     def __str__(self) -> str:
-        where = f"{self.file}: row {self.row}" + (f", step {self.step}" if self.step is not None else "")
+        where = f"{self.file}: {row_label(self.row, self.unit)}"
+        if self.step is not None:
+            where += f", step {self.step}"
         return f"[{self.source}] {where}: {self.reason}"
 
 
@@ -67,6 +75,12 @@ class ConversionReport:
         self.skipped.extend(other.skipped)
         return self
 
+    def add_unreadable(self, source: str, issues: Iterable[RowIssue]) -> None:
+        """Rows of `source` that could not be read (or were left out), as failed rows."""
+        for issue in issues:
+            self._bump(self.rows_read, source)
+            self.failed.append(ConversionIssue(source, issue.path, issue.row, issue.reason, unit=issue.unit))
+
     def to_dict(self) -> dict[str, Any]:
         return {"rows_read": dict(self.rows_read), "examples": dict(self.examples),
                 "num_failed": len(self.failed), "num_skipped": len(self.skipped),
@@ -83,8 +97,8 @@ class ConversionReport:
 class _Converter:
     """Shared bookkeeping: emits examples, records issues."""
 
-    def __init__(self, source: str, path: str, report: ConversionReport):
-        self.source, self.path, self.report = source, path, report
+    def __init__(self, source: str, path: str, report: ConversionReport, unit: RowUnit):
+        self.source, self.path, self.report, self.unit = source, path, report, unit
         self.examples: list[ToolRLExample] = []
 
     def emit(self, system: str, blocks: Sequence[str], ground_truth: str) -> None:
@@ -93,10 +107,37 @@ class _Converter:
         self.report._bump(self.report.examples, self.source)
 
     def fail(self, row: int, reason: str, step: int | None = None) -> None:
-        self.report.failed.append(ConversionIssue(self.source, self.path, row, reason, step))
+        self.report.failed.append(ConversionIssue(self.source, self.path, row, reason, step, self.unit))
 
     def skip(self, row: int, reason: str, step: int | None = None) -> None:
-        self.report.skipped.append(ConversionIssue(self.source, self.path, row, reason, step))
+        self.report.skipped.append(ConversionIssue(self.source, self.path, row, reason, step, self.unit))
+
+
+RawRecords = Iterable[Any] | Records[Any]  # a plain list (rows numbered from 0) or the records of a file
+
+
+def _numbered(records: RawRecords) -> tuple[Iterable[tuple[int, Any]], RowUnit]:
+    """(position, record) pairs and their unit: a `Records` keeps its file positions, a plain list counts from 0."""
+    if isinstance(records, Records):
+        return records.rows, records.unit
+    return enumerate(records), "row"
+
+
+def _required(record: Mapping[str, Any], key: str, kinds: type | tuple[type, ...] = str, where: str = "") -> Any:
+    """record[key], or FormatError naming the missing (or mistyped) field."""
+    if key not in record:
+        raise FormatError(f"{where}missing required field {key!r}")
+    value = record[key]
+    if not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise FormatError(f"{where}field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _object(record: Any, where: str = "") -> Mapping[str, Any]:
+    if not isinstance(record, Mapping):
+        raise FormatError(f"{where}expected an object, got {type(record).__name__}")
+    return record
 
 
 def _maybe_json(value: Any, what: str) -> Any:
@@ -127,15 +168,17 @@ def _parse_calls(raw: Any, what: str) -> list[tuple[str, dict[str, Any]]]:
         raise FormatError(f"{what} must be a call object or a list of them, got {type(raw).__name__}")
     calls = []
     for j, call in enumerate(raw):
-        if not isinstance(call, Mapping) or not isinstance(call.get("name"), str) or not call["name"]:
-            raise FormatError(f"{what}[{j}] has no string 'name'")
-        args = call.get("arguments", call.get("parameters", {}))
-        args = _maybe_json(args, f"{what}[{j}].arguments")
+        where = f"{what}[{j}]: "
+        name = _required(_object(call, where), "name", where=where)
+        if not name:
+            raise FormatError(f"{where}empty 'name'")
+        key = "arguments" if "arguments" in call or "parameters" not in call else "parameters"
+        args = _maybe_json(_required(call, key, object, where), f"{what}[{j}].{key}")
         if args is None:
             args = {}
         if not isinstance(args, Mapping):
-            raise FormatError(f"{what}[{j}].arguments must be an object, got {type(args).__name__}")
-        calls.append((call["name"], dict(args)))
+            raise FormatError(f"{what}[{j}].{key} must be an object, got {type(args).__name__}")
+        calls.append((name, dict(args)))
     return calls
 
 
@@ -164,9 +207,7 @@ def _toolace_tools(record: Mapping[str, Any]) -> list[ToolSpec]:
     tools_field = record.get("tools")
     if tools_field not in (None, "", "[]", []):
         return _tools_from_list(tools_field)
-    system = record.get("system")
-    if not isinstance(system, str):
-        raise FormatError("no tools: 'tools' is empty and 'system' is not a string")
+    system = _required(record, "system", where="'tools' is empty: ")
     start = system.find("[{")
     if start < 0:
         raise FormatError("no tool JSON list found in 'system'")
@@ -226,20 +267,19 @@ def _observation_names(value: Any) -> list[str | None]:
     return [d.get("name") if isinstance(d, Mapping) else None for d in data]
 
 
-def convert_toolace(records: Iterable[Any], path: str | Path = "<memory>", source: str = "toolace",
+def convert_toolace(records: RawRecords, path: str | Path = "<memory>", source: str = "toolace",
                     string_values: bool = True, report: ConversionReport | None = None) -> list[ToolRLExample]:
     """One example per assistant step of each ToolACE conversation (see module doc)."""
     report = report if report is not None else ConversionReport()
-    conv = _Converter(source, str(path), report)
-    for row, record in enumerate(records):
+    rows, unit = _numbered(records)
+    conv = _Converter(source, str(path), report, unit)
+    for row, record in rows:
         report._bump(report.rows_read, source)
         try:
-            if not isinstance(record, Mapping):
-                raise FormatError(f"expected an object, got {type(record).__name__}")
-            tools = _toolace_tools(record)
-            turns = record.get("conversations")
-            if not isinstance(turns, list) or not turns:
-                raise FormatError("'conversations' must be a non-empty list")
+            tools = _toolace_tools(_object(record))
+            turns = _required(record, "conversations", list)
+            if not turns:
+                raise FormatError("'conversations' is empty")
         except FormatError as err:
             conv.fail(row, str(err))
             continue
@@ -248,13 +288,11 @@ def convert_toolace(records: Iterable[Any], path: str | Path = "<memory>", sourc
         earlier: dict[str, str] = {}  # truncated call name -> full name resolved earlier in this dialogue
         i = step = 0
         while i < len(turns):
-            turn = turns[i]
-            role = turn.get("from") if isinstance(turn, Mapping) else None
-            value = turn.get("value") if isinstance(turn, Mapping) else None
             nxt = turns[i + 1] if i + 1 < len(turns) and isinstance(turns[i + 1], Mapping) else {}
             try:
-                if not isinstance(value, str):
-                    raise FormatError(f"turn {i} has no string 'value'")
+                turn = _object(turns[i], f"turn {i}: ")
+                role = _required(turn, "from", where=f"turn {i}: ")
+                value = _required(turn, "value", where=f"turn {i}: ")
                 if role in _USER_ROLES:
                     blocks.append(format_user(value.strip()))
                 elif role in _CALL_ROLES:
@@ -326,17 +364,18 @@ def _check_policy(empty_calls: str) -> None:
 SingleTurn = tuple[list[ToolSpec], str, list[tuple[str, dict[str, Any]]]]
 
 
-def _convert_single_turn(records: Iterable[Any], path: str | Path, source: str, empty_calls: EmptyCallPolicy,
-                         report: ConversionReport | None, extract: Callable[[Any], SingleTurn]
+def _convert_single_turn(records: RawRecords, path: str | Path, source: str, empty_calls: EmptyCallPolicy,
+                         report: ConversionReport | None, extract: Callable[[Mapping[str, Any]], SingleTurn]
                          ) -> list[ToolRLExample]:
     """One example per record from `extract(record) -> (tools, query, calls)` (which raises FormatError)."""
     _check_policy(empty_calls)
     report = report if report is not None else ConversionReport()
-    conv = _Converter(source, str(path), report)
-    for row, record in enumerate(records):
+    rows, unit = _numbered(records)
+    conv = _Converter(source, str(path), report, unit)
+    for row, record in rows:
         report._bump(report.rows_read, source)
         try:
-            tools, query, calls = extract(record)
+            tools, query, calls = extract(_object(record))
             if not query.strip():
                 raise FormatError("empty query")
             system = render_system_prompt(tools)
@@ -354,35 +393,33 @@ def _convert_single_turn(records: Iterable[Any], path: str | Path, source: str, 
     return conv.examples
 
 
-def _hammer_record(record: Any) -> SingleTurn:
-    if not isinstance(record, Mapping) or not isinstance(record.get("instruction"), str) \
-            or not isinstance(record.get("output"), str):
-        raise FormatError("expected an object with string 'instruction' and 'output'")
-    instruction = record["instruction"]
+def _hammer_record(record: Mapping[str, Any]) -> SingleTurn:
+    instruction = _required(record, "instruction")
+    output = _required(record, "output")
     tools = _tools_from_list(_between(instruction, "[BEGIN OF AVAILABLE TOOLS]", "[END OF AVAILABLE TOOLS]",
                                       "instruction"))
     if "[BEGIN OF QUERY]" in instruction:
         query = _between(instruction, "[BEGIN OF QUERY]", "[END OF QUERY]", "instruction")
     else:
-        query = record.get("input") or ""
-    output = re.sub(r"^```(?:json)?\s*|\s*```$", "", record["output"].strip())
+        query = _required(record, "input", where="no [BEGIN OF QUERY] in 'instruction': ")
+    output = re.sub(r"^```(?:json)?\s*|\s*```$", "", output.strip())
     return tools, query, _parse_calls(output or "[]", "output")
 
 
-def _xlam_record(record: Any) -> SingleTurn:
-    if not isinstance(record, Mapping) or not isinstance(record.get("query"), str):
-        raise FormatError("expected an object with a string 'query'")
-    return _tools_from_list(record.get("tools")), record["query"], _parse_calls(record.get("answers", []), "answers")
+def _xlam_record(record: Mapping[str, Any]) -> SingleTurn:
+    query = _required(record, "query")
+    tools = _tools_from_list(_required(record, "tools", (list, str)))
+    return tools, query, _parse_calls(_required(record, "answers", (list, str)), "answers")
 
 
-def convert_hammer(records: Iterable[Any], path: str | Path = "<memory>", source: str = "hammer",
+def convert_hammer(records: RawRecords, path: str | Path = "<memory>", source: str = "hammer",
                    empty_calls: EmptyCallPolicy = "skip",
                    report: ConversionReport | None = None) -> list[ToolRLExample]:
     """One example per Hammer record (tools and query from `instruction`, calls from `output`)."""
     return _convert_single_turn(records, path, source, empty_calls, report, _hammer_record)
 
 
-def convert_xlam(records: Iterable[Any], path: str | Path = "<memory>", source: str = "xlam",
+def convert_xlam(records: RawRecords, path: str | Path = "<memory>", source: str = "xlam",
                  empty_calls: EmptyCallPolicy = "skip",
                  report: ConversionReport | None = None) -> list[ToolRLExample]:
     """One example per xLAM record {query, tools, answers}."""
@@ -394,7 +431,12 @@ CONVERTERS = {"toolace": convert_toolace, "hammer": convert_hammer, "xlam": conv
 
 def convert_file(kind: str, path: str | Path, report: ConversionReport | None = None,
                  **options: Any) -> list[ToolRLExample]:
-    """Loads and converts one raw file of `kind` ("toolace" | "hammer" | "xlam")."""
+    """Loads and converts one raw file of `kind` ("toolace" | "hammer" | "xlam"). Rows that cannot be read go to
+    `report.failed` like rows that cannot be converted; a file that cannot be read at all raises DataFileError."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown raw source kind {kind!r}; expected one of {sorted(CONVERTERS)}")
-    return CONVERTERS[kind](read_json_records(path), path=str(path), report=report, **options)
+    records = read_json_records(path)
+    report = report if report is not None else ConversionReport()
+    source = options.pop("source", kind)
+    report.add_unreadable(source, records.issues)
+    return CONVERTERS[kind](records, path=records.path, source=source, report=report, **options)
