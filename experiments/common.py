@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,10 @@ def define_common_flags() -> None:
     flags.DEFINE_integer("synthetic_val_size", 32, "Synthetic validation examples.")
     flags.DEFINE_enum("synthetic_prompt_style", "compact", ["compact", "full"], "Synthetic system-prompt style.")
     flags.DEFINE_integer("val_size", None, "Use at most this many validation examples.")
+    flags.DEFINE_enum("bad_rows", "error", ["error", "skip"],
+                      "Data rows whose layout or ground truth cannot be used (checked for every row at load, before "
+                      "the model loads): error = stop, naming file and row; skip = leave them out, counted and "
+                      "listed in the log.")
     flags.DEFINE_integer("max_prompt_length", 2048, "Prompts are left-truncated to this many tokens.")
     flags.DEFINE_float("lr", 1e-6, "Peak learning rate.")
     flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear", "cosine"], "Learning-rate schedule.")
@@ -47,6 +52,9 @@ def define_common_flags() -> None:
     flags.DEFINE_enum("adam_mu_dtype", None, ["float32", "bfloat16"],
                       "AdamW first-moment dtype (default: the parameter dtype); bfloat16 saves 2 bytes per parameter.")
     flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip (<= 0 disables).")
+    flags.DEFINE_integer("max_consecutive_skipped_updates", 3,
+                         "Updates with a non-finite gradient are skipped and logged; this many in a row stop the run "
+                         "(a diverged model), before anything of that step is saved.")
     flags.DEFINE_integer("mesh_data", 1, "Data-parallel mesh axis size (-1 = all remaining devices).")
     flags.DEFINE_integer("mesh_fsdp", -1, "FSDP mesh axis size (-1 = all remaining devices).")
     flags.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel mesh axis size.")
@@ -63,6 +71,10 @@ def define_common_flags() -> None:
     flags.DEFINE_integer("save_every", 10, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
     flags.DEFINE_bool("resume", False, "Continue from the newest complete checkpoint in --run_dir.")
+    flags.DEFINE_list("resume_allow", [],
+                      "Deliberate differences a --resume may have from the run's recorded start "
+                      "(<run_dir>/run_identity.json): any of weights (other starting weights), tokenizer, run "
+                      "(data, seed, batch settings). Shape settings can never change.")
     flags.DEFINE_string("export_dir", None, "Write the final policy as a Hugging Face folder here.")
     flags.DEFINE_enum("export_dtype", "bfloat16", ["bfloat16", "float32"], "Dtype of exported weights.")
     flags.DEFINE_integer("seed", 0, "Seed for data order, sampling and initialisation.")
@@ -86,8 +98,25 @@ def validate_common_flags() -> None:
         raise app.UsageError(f"--max_prompt_length must be >= 1, got {FLAGS.max_prompt_length}")
     if FLAGS.save_every < 1 or FLAGS.keep_checkpoints < 1:
         raise app.UsageError("--save_every and --keep_checkpoints must be >= 1")
+    for name in ("lr", "weight_decay", "adam_b1", "adam_b2", "max_grad_norm"):
+        if not math.isfinite(getattr(FLAGS, name)):
+            raise app.UsageError(f"--{name} must be a finite number, got {getattr(FLAGS, name)}")
     if FLAGS.lr < 0:
         raise app.UsageError(f"--lr must be >= 0, got {FLAGS.lr}")
+    if FLAGS.warmup_steps < 0 or FLAGS.weight_decay < 0:
+        raise app.UsageError("--warmup_steps and --weight_decay must be >= 0")
+    if FLAGS.max_consecutive_skipped_updates < 1:
+        raise app.UsageError(f"--max_consecutive_skipped_updates must be >= 1, got "
+                             f"{FLAGS.max_consecutive_skipped_updates}")
+    for name in ("synthetic_train_size", "synthetic_val_size"):
+        if getattr(FLAGS, name) < 0:
+            raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+    if FLAGS.val_size is not None and FLAGS.val_size < 0:
+        raise app.UsageError(f"--val_size must be >= 0, got {FLAGS.val_size}")
+    bad = sorted(set(FLAGS.resume_allow) - {"weights", "tokenizer", "run"})
+    if bad:
+        raise app.UsageError(f"--resume_allow={','.join(FLAGS.resume_allow)}: unknown {bad}; choose from "
+                             "weights, tokenizer, run")
     if FLAGS.attention_impl == "cudnn" and jax.default_backend() != "gpu":
         raise app.UsageError("--attention_impl=cudnn needs a GPU backend")
 
@@ -97,7 +126,8 @@ def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig
         return OptimizerConfig(
             learning_rate=FLAGS.lr, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, weight_decay=FLAGS.weight_decay,
             max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None, schedule=FLAGS.lr_schedule,
-            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates, mu_dtype=FLAGS.adam_mu_dtype)
+            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates, mu_dtype=FLAGS.adam_mu_dtype,
+            max_consecutive_skips=FLAGS.max_consecutive_skipped_updates)
     except ValueError as e:
         raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
 
@@ -158,6 +188,25 @@ def make_mesh_and_placement() -> tuple[Any, Callable[[dict], dict], Optional[Cal
     return mesh, place, param_sharding
 
 
+def locate_model() -> tuple[ModelConfig, Path]:
+    """(ModelConfig, folder) of --model without loading any weights: the config is enough to check flags that
+    depend on the model (e.g. --train_last_layers) before the weights load. 'smollm2' is prepared on first use."""
+    overrides = dict(dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype, remat=FLAGS.remat,
+                     remat_policy=FLAGS.remat_policy, attention_impl=FLAGS.attention_impl)
+    if FLAGS.model.startswith("preset:"):
+        return PRESETS[FLAGS.model.split(":", 1)[1]].replace(**overrides), Path(FLAGS.tokenizer)
+    if FLAGS.model == "smollm2":
+        from toolrl_jax.assets import prepare_smollm2
+        folder = prepare_smollm2(FLAGS.cache_dir)
+    else:
+        folder = Path(FLAGS.model)
+    try:
+        return ModelConfig.from_hf(folder, **overrides), folder
+    except (ValueError, KeyError, TypeError) as e:
+        raise app.UsageError(f"--model={FLAGS.model}: {folder / 'config.json'} is not a supported model config "
+                             f"({e})") from None
+
+
 def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
     """(ModelConfig, CausalLM, tokenizer, folder) from --model/--tokenizer and the dtype flags."""
     from flax import nnx
@@ -166,39 +215,83 @@ def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
     from toolrl_jax.models.hf_io import load_hf_model
     from toolrl_jax.tokenization import load_tokenizer
 
-    overrides = dict(dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype, remat=FLAGS.remat,
-                     remat_policy=FLAGS.remat_policy,
-                     attention_impl=FLAGS.attention_impl)
+    config, folder = locate_model()
     if FLAGS.model.startswith("preset:"):
-        config = PRESETS[FLAGS.model.split(":", 1)[1]].replace(**overrides)
         model = CausalLM(config, rngs=nnx.Rngs(FLAGS.seed))
-        folder = Path(FLAGS.tokenizer)
     else:
-        if FLAGS.model == "smollm2":
-            from toolrl_jax.assets import prepare_smollm2
-            folder = prepare_smollm2(FLAGS.cache_dir)
-        else:
-            folder = Path(FLAGS.model)
-        config, model = load_hf_model(folder, shardings=param_sharding, **overrides)
+        config, model = load_hf_model(folder, shardings=param_sharding, dtype=config.dtype,
+                                      param_dtype=config.param_dtype, remat=config.remat,
+                                      remat_policy=config.remat_policy, attention_impl=config.attention_impl)
     tokenizer = load_tokenizer(FLAGS.tokenizer or folder)
     log.info("model %s: %s, %.1fM parameters", folder, config.family, config.num_params / 1e6)
     return config, model, tokenizer, folder
 
 
-def load_split() -> tuple[list[ToolRLExample], list[ToolRLExample]]:
-    """(train, validation) examples from --data/--val_data (or the synthetic generator)."""
+def load_split(check_train: bool = True) -> tuple[list[ToolRLExample], list[ToolRLExample]]:
+    """(train, validation) examples from --data/--val_data (or the synthetic generator). Every row is read and, for
+    the validation split and (with `check_train`) the training split, its ground truth parsed with the reward's
+    parser now, before any model loads; bad rows stop the run naming file and row, or are skipped and listed
+    (--bad_rows). SFT passes check_train=False: its training targets need not be calls the reward can parse."""
     from toolrl_jax.datasets.io import read_examples
+    from toolrl_jax.datasets.loading import BadRowsError, check_examples, load_examples
+    from toolrl_jax.datasets.records import DataFileError
     from toolrl_jax.datasets.synthetic import SyntheticConfig, make_synthetic_split
 
-    if FLAGS.data == "synthetic":
-        train, val = make_synthetic_split(FLAGS.synthetic_train_size, FLAGS.synthetic_val_size, seed=FLAGS.seed,
-                                          config=SyntheticConfig(prompt_style=FLAGS.synthetic_prompt_style))
-    else:
-        train, val = read_examples(FLAGS.data), []
-    if FLAGS.val_data:
-        val = read_examples(FLAGS.val_data)
+    def loaded(result):
+        log.info("%s", result.summary())
+        for issue in result.skipped[:20]:
+            log.warning("skipped %s", issue)
+        return result.examples
+
+    try:
+        if FLAGS.data == "synthetic":
+            train, val = make_synthetic_split(FLAGS.synthetic_train_size, FLAGS.synthetic_val_size, seed=FLAGS.seed,
+                                              config=SyntheticConfig(prompt_style=FLAGS.synthetic_prompt_style))
+            train = loaded(check_examples(train, origin="synthetic train", bad_rows=FLAGS.bad_rows))
+            val = loaded(check_examples(val, origin="synthetic validation", bad_rows=FLAGS.bad_rows))
+        elif check_train:
+            train, val = loaded(load_examples(FLAGS.data, bad_rows=FLAGS.bad_rows)), []
+        else:
+            train, val = read_examples(FLAGS.data), []
+        if FLAGS.val_data:
+            val = loaded(load_examples(FLAGS.val_data, bad_rows=FLAGS.bad_rows))
+    except BadRowsError as e:
+        raise app.UsageError(f"{e}\n(--bad_rows=skip leaves such rows out)") from None
+    except (DataFileError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from None
     if FLAGS.val_size is not None:
         val = val[:FLAGS.val_size]
     if not train:
         raise app.UsageError(f"--data={FLAGS.data} holds no examples")
     return train, val
+
+
+def record_or_check_identity(run_dir: Path, resuming: bool, model: Any, tokenizer: Any, model_folder: Path,
+                             shapes: dict, run: dict) -> None:
+    """Records what a new run starts from (`toolrl_jax.run_identity`), or checks a resume against it (stopping
+    with the differences unless --resume_allow names them). Files of earlier launches are kept."""
+    from flax import nnx
+
+    from toolrl_jax import run_identity
+
+    identity = run_identity.RunIdentity(
+        weights={"model": str(model_folder), "checksum": run_identity.weights_checksum(nnx.state(model))},
+        tokenizer=run_identity.tokenizer_fingerprint(tokenizer), shapes=shapes, run=run)
+    if resuming:
+        try:
+            allowed = run_identity.check_resume(run_dir, identity, FLAGS.resume_allow)
+        except run_identity.ResumeMismatchError as e:
+            raise app.UsageError(str(e)) from None
+        for difference in allowed:
+            log.warning("resuming with a change allowed by --resume_allow: %s", difference)
+        if not allowed and (run_dir / run_identity.IDENTITY_FILE).is_file():
+            return
+    if jax.process_index() == 0:
+        run_identity.record(run_dir, identity)
+
+
+def model_shape_settings(model_config: ModelConfig) -> dict:
+    """The settings of a model config that fix its parameter shapes (for the run identity)."""
+    keys = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "tie_word_embeddings", "attention_bias", "param_dtype")
+    return {k: getattr(model_config, k) for k in keys}

@@ -22,13 +22,16 @@ from absl import logging as absl_logging
 
 from experiments import reward_flags
 from experiments.common import (define_common_flags, int_list_flag, load_model_and_tokenizer, load_split,
-                                make_mesh_and_placement, optimizer_config_from_flags, validate_common_flags)
+                                locate_model, make_mesh_and_placement, model_shape_settings,
+                                optimizer_config_from_flags, record_or_check_identity, validate_common_flags)
 from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.datasets.batching import BatchingConfig, PromptDataset, chat_encoder
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
 from toolrl_jax.models.hf_io import copy_tokenizer_files, save_hf_model
 from toolrl_jax.optim import OptimizerConfig
+from toolrl_jax.rl.losses import AGG_MODES
 from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
+from toolrl_jax.run_identity import keep_launch_files
 from toolrl_jax.training.critic import CriticConfig
 from toolrl_jax.tokenization import stop_token_ids
 from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
@@ -40,12 +43,21 @@ define_common_flags()
 
 
 flags.DEFINE_integer("prompts_per_step", 512, "Prompts sampled per GRPO step.")
+flags.DEFINE_enum("prompt_order", "random", ["random", "length_grouped"],
+                  "Which prompts share a step. random: a uniform random batch each step, a different random remainder "
+                  "dropped each epoch (the original ToolRL/veRL sampler). length_grouped: prompts of similar length "
+                  "share a step (less rollout padding, but each step covers a narrow length band and, when "
+                  "--length_group_window x --prompts_per_step exceeds the data, the longest prompts are never "
+                  "trained on). Padding inside a step is cut by --trim_padding either way.")
+flags.DEFINE_integer("length_group_window", 16,
+                     "--prompt_order=length_grouped: steps per length-sorting window.")
 flags.DEFINE_integer("group_size", 4, "Responses per prompt (the GRPO group).")
 flags.DEFINE_integer("mini_batch_prompts", 128, "Prompts per optimizer update.")
 flags.DEFINE_integer("micro_batch_rows", 8, "Rows per gradient-accumulation micro-batch.")
 flags.DEFINE_integer("ppo_epochs", 1, "Passes over each step's rollouts.")
 flags.DEFINE_integer("max_response_length", 1024, "Maximum new tokens per response.")
-flags.DEFINE_integer("total_steps", 105, "GRPO steps to train (the paper: 15 epochs x 7 steps).")
+flags.DEFINE_integer("total_steps", 104,
+                     "GRPO steps to train (the original configures 15 epochs x 7 steps and trains 104).")
 flags.DEFINE_float("temperature", 1.0, "Rollout sampling temperature.")
 flags.DEFINE_float("top_p", 1.0, "Rollout nucleus mass.")
 flags.DEFINE_integer("top_k", 0, "Rollout top-k (0 = off).")
@@ -56,8 +68,16 @@ flags.DEFINE_enum("kl_loss_type", "k3", ["k1", "k2", "k3"], "KL estimator of the
 flags.DEFINE_float("clip_ratio", 0.2, "PPO clip epsilon.")
 flags.DEFINE_float("clip_ratio_high", None, "Separate upper clip epsilon (None = clip_ratio).")
 flags.DEFINE_float("entropy_coef", 0.001, "Entropy bonus coefficient.")
-flags.DEFINE_enum("loss_agg", "token-mean", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
-                  "How token losses are aggregated over the mini-batch.")
+flags.DEFINE_enum("loss_agg", "token-mean", list(AGG_MODES),
+                  "How token losses become the mini-batch loss: token-mean (ToolRL; the global token mean), "
+                  "seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: token sums over a "
+                  "constant, --loss_agg_norm_length) or verl (the original trainer's gradient scale: each "
+                  "micro-batch's token mean summed, over --verl_accumulation_divisor; see docs/fidelity.md).")
+flags.DEFINE_integer("loss_agg_norm_length", None,
+                     "--loss_agg=seq-mean-token-sum-norm: the constant length (default --max_response_length).")
+flags.DEFINE_integer("verl_accumulation_divisor", None,
+                     "--loss_agg=verl: the original's gradient-accumulation divisor x data-parallel ranks (ToolRL "
+                     "recipe on 2 GPUs: 4); default: the number of micro-batches per update.")
 flags.DEFINE_bool("recompute_old_logprobs", True, "Recompute old-policy log-probs with the training forward.")
 flags.DEFINE_bool("normalize_adv_by_std", True, "Divide group-centred rewards by the group std (GRPO).")
 flags.DEFINE_integer("val_every", 5, "Greedy validation every N steps (0 = never); also at step 0 and the end.")
@@ -107,11 +127,14 @@ def grpo_config_from_flags(num_layers: Optional[int] = None) -> GRPOConfig:
         trainable_regex = last_layers_regex(num_layers, FLAGS.train_last_layers)
     policy = PolicyLossConfig(clip_eps=FLAGS.clip_ratio, clip_eps_high=FLAGS.clip_ratio_high,
                               entropy_coef=FLAGS.entropy_coef, kl_loss_coef=FLAGS.kl_loss_coef,
-                              kl_loss_type=FLAGS.kl_loss_type, agg_mode=FLAGS.loss_agg)
+                              kl_loss_type=FLAGS.kl_loss_type, agg_mode=FLAGS.loss_agg,
+                              norm_length=FLAGS.loss_agg_norm_length,
+                              accumulation_divisor=FLAGS.verl_accumulation_divisor)
     critic = CriticConfig(
         optimizer=OptimizerConfig(learning_rate=FLAGS.critic_lr, weight_decay=FLAGS.weight_decay,
                                   b1=FLAGS.adam_b1, b2=FLAGS.adam_b2,
-                                  max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None),
+                                  max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None,
+                                  max_consecutive_skips=FLAGS.max_consecutive_skipped_updates),
         value=ValueLossConfig(cliprange_value=FLAGS.value_clip), value_loss_coef=FLAGS.value_loss_coef,
         gamma=FLAGS.gae_gamma, lam=FLAGS.gae_lambda, whiten_advantages=FLAGS.whiten_advantages, seed=FLAGS.seed)
     return GRPOConfig(
@@ -138,16 +161,41 @@ def _total_updates() -> Optional[int]:
 
 
 def _validate_flags(num_layers: Optional[int] = None) -> GRPOConfig:
-    """Checks the flags (before the model is loaded, num_layers=None; again with the model's layer count)."""
+    """Checks every flag and builds the configs (num_layers from the model's config.json, before its weights load;
+    None checks everything that does not depend on the model)."""
     if FLAGS.train_last_layers < 0 or (num_layers is not None and FLAGS.train_last_layers > num_layers):
         raise app.UsageError(f"--train_last_layers={FLAGS.train_last_layers}: the model has {num_layers} layers "
                              "(use 0 to train all of them)")
-    if FLAGS.sft_warmup_steps < 0 or FLAGS.sft_warmup_batch_size < 1 or FLAGS.sft_warmup_lr <= 0:
+    if FLAGS.sft_warmup_steps < 0 or FLAGS.sft_warmup_batch_size < 1 or not FLAGS.sft_warmup_lr > 0:
         raise app.UsageError("--sft_warmup_steps must be >= 0, --sft_warmup_batch_size >= 1 and --sft_warmup_lr > 0")
+    for name, low in (("length_group_window", 1), ("reward_workers", 0), ("save_every", 1),
+                      ("logits_chunk_size", 0)):
+        if getattr(FLAGS, name) < low:
+            raise app.UsageError(f"--{name} must be >= {low}, got {getattr(FLAGS, name)}")
+    if FLAGS.loss_agg_norm_length is not None and FLAGS.loss_agg != "seq-mean-token-sum-norm":
+        raise app.UsageError("--loss_agg_norm_length is only used with --loss_agg=seq-mean-token-sum-norm")
+    if FLAGS.verl_accumulation_divisor is not None and FLAGS.loss_agg != "verl":
+        raise app.UsageError("--verl_accumulation_divisor is only used with --loss_agg=verl")
     try:
-        return grpo_config_from_flags(num_layers)
+        config = grpo_config_from_flags(num_layers)
+        if FLAGS.sft_warmup_steps > 0:
+            warmup_config(config)
     except ValueError as e:
         raise app.UsageError(f"invalid flags: {e}") from None
+    return config
+
+
+def warmup_config(config: GRPOConfig):
+    """The SFTConfig of the supervised warm-up (--sft_warmup_*)."""
+    from toolrl_jax.training.sft import SFTConfig
+
+    return SFTConfig(
+        learning_rate=FLAGS.sft_warmup_lr, lr_schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
+        epochs=None, max_steps=FLAGS.sft_warmup_steps, batch_size=FLAGS.sft_warmup_batch_size,
+        micro_batch_size=min(FLAGS.sft_warmup_batch_size, config.micro_batch_rows),
+        max_length=config.max_prompt_length + config.max_response_length,
+        max_prompt_length=config.max_prompt_length, packing=True, seed=config.seed, log_every=1,
+        logits_chunk_size=256, max_consecutive_skips=FLAGS.max_consecutive_skipped_updates)
 
 
 def sft_warmup(model, tokenizer, examples, config: GRPOConfig, mesh, run_dir: Path, model_folder: Path,
@@ -159,16 +207,9 @@ def sft_warmup(model, tokenizer, examples, config: GRPOConfig, mesh, run_dir: Pa
     """
     folder = run_dir / "warmup_model"
     if not (folder / "config.json").is_file():
-        from toolrl_jax.training.sft import SFTConfig, sft_train
-        sft_config = SFTConfig(
-            learning_rate=FLAGS.sft_warmup_lr, lr_schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
-            epochs=None, max_steps=FLAGS.sft_warmup_steps, batch_size=FLAGS.sft_warmup_batch_size,
-            micro_batch_size=min(FLAGS.sft_warmup_batch_size, config.micro_batch_rows),
-            max_length=config.max_prompt_length + config.max_response_length,
-            max_prompt_length=config.max_prompt_length, packing=True, seed=config.seed, log_every=1,
-            logits_chunk_size=256)
+        from toolrl_jax.training.sft import sft_train
         progress = ProgressBar(FLAGS.sft_warmup_steps, desc="sft warm-up", keys=("loss",))
-        model, history = sft_train(model, tokenizer, examples, sft_config, mesh=mesh,
+        model, history = sft_train(model, tokenizer, examples, warmup_config(config), mesh=mesh,
                                    on_step=lambda step, m: progress.update(step, m))
         progress.close()
         log.info("SFT warm-up: loss %.3f -> %.3f over %d steps", history[0]["loss"],
@@ -185,22 +226,42 @@ def sft_warmup(model, tokenizer, examples, config: GRPOConfig, mesh, run_dir: Pa
     return model, folder
 
 
+def _shape_settings(model_config, config: GRPOConfig) -> dict:
+    """What fixes the checkpoint's array shapes (run identity: can never change on --resume)."""
+    return {"model": model_shape_settings(model_config), "train_last_layers": FLAGS.train_last_layers,
+            "trainable_regex": config.trainable_regex, "adam_mu_dtype": FLAGS.adam_mu_dtype,
+            "algorithm": config.algorithm}
+
+
+def _run_settings(config: GRPOConfig) -> dict:
+    """What fixes what the run trains on and in which order (run identity: --resume_allow=run to change)."""
+    names = ("data", "val_data", "synthetic_train_size", "synthetic_val_size", "synthetic_prompt_style", "seed",
+             "prompts_per_step", "group_size", "prompt_order", "length_group_window", "max_prompt_length",
+             "max_response_length", "sft_warmup_steps", "sft_warmup_lr", "sft_warmup_batch_size", "bad_rows")
+    return {name: getattr(FLAGS, name) for name in names}
+
+
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
     logging.getLogger("toolrl_jax").setLevel(logging.INFO)
+    # Everything that can be wrong with the flags and the data is found before any weights load.
     validate_common_flags()
     _validate_flags()
     run_dir = Path(FLAGS.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    if run_dir.exists() and any(ckpt_dir.glob("*")) and not FLAGS.resume:
+    resuming = FLAGS.resume and any(ckpt_dir.glob("*"))
+    if any(ckpt_dir.glob("*")) and not FLAGS.resume:
         raise app.UsageError(f"--run_dir={run_dir} already holds checkpoints: pass --resume to continue it or "
                              "choose a new --run_dir (runs are never overwritten)")
+    train_examples, val_examples = load_split()
+    model_config, _ = locate_model()
+    config = _validate_flags(model_config.num_layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh, place_batch, param_shardings_fn = make_mesh_and_placement()
     model_config, model, tokenizer, model_folder = load_model_and_tokenizer(param_shardings_fn)
-    config = _validate_flags(model_config.num_layers)
-    train_examples, val_examples = load_split()
+    record_or_check_identity(run_dir, resuming, model, tokenizer, model_folder,
+                             _shape_settings(model_config, config), _run_settings(config))
     if FLAGS.sft_warmup_steps > 0:
         model, _ = sft_warmup(model, tokenizer, train_examples, config, mesh, run_dir, model_folder,
                               param_shardings_fn)
@@ -208,7 +269,7 @@ def main(argv: list[str]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
     dataset = PromptDataset(train_examples, encode, BatchingConfig(
         batch_size=config.prompts_per_step, max_prompt_length=config.max_prompt_length, seed=config.seed,
-        pad_id=pad_id))
+        order=FLAGS.prompt_order, sort_window=FLAGS.length_group_window, pad_id=pad_id))
     val_prompts = [list(encode(e.prompt_messages))[-config.max_prompt_length:] for e in val_examples]
     val_truths = [e.ground_truth for e in val_examples]
 
@@ -241,8 +302,9 @@ def main(argv: list[str]) -> None:
         log.info("resumed from step %d (%s)", start_step, ckpt_dir)
     # A restart before the first checkpoint starts over: drop whatever the earlier attempt logged (step-0 rows too).
     metrics_writer = MetricsWriter(run_dir, resume_step=start_step if start_step > 0 else -1)
-    (run_dir / "flags.txt").write_text(FLAGS.flags_into_string())
-    (run_dir / "config.json").write_text(json.dumps({"model": str(model_folder), "grpo": repr(config)}, indent=2))
+    if jax.process_index() == 0:  # each launch's flags and config; an earlier launch's files are kept
+        keep_launch_files(run_dir, {"flags.txt": FLAGS.flags_into_string(), "config.json": json.dumps(
+            {"model": str(model_folder), "resumed_from_step": start_step, "grpo": repr(config)}, indent=2)})
 
     def run_validation(step: int) -> None:
         if not val_prompts:
@@ -251,30 +313,32 @@ def main(argv: list[str]) -> None:
         metrics_writer.write(step, val_metrics)
         log.info("step %d validation: %s", step, _fmt(val_metrics))
 
-    if start_step == 0 and config.val_every > 0:
-        run_validation(0)
     progress = ProgressBar(config.total_steps, initial_step=start_step, desc="grpo",
                            keys=("reward/total", "reward/format", "reward/correctness", "reward/accuracy"))
-    for step in range(start_step + 1, config.total_steps + 1):
-        batch = dataset.next_batch()
-        result = trainer.train_step(batch.prompt_ids, batch.ground_truths, jax.random.fold_in(base_key, step))
-        metrics = result.metrics
-        metrics["lr"] = metrics.get("actor/lr", float("nan"))
-        metrics["data/epoch"] = dataset.epoch
-        metrics_writer.write(step, metrics)
-        metrics_writer.write_samples(step, _sample_records(result, batch, config.log_samples))
-        progress.update(step, metrics)
-        log.info("step %d reward=%.3f format=%.2f correctness=%.2f accuracy=%.2f length=%.0f time=%.1fs", step,
+    try:  # a failure (e.g. a diverged model) still finishes pending saves and closes the logs
+        if start_step == 0 and config.val_every > 0:
+            run_validation(0)
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = dataset.next_batch()
+            result = trainer.train_step(batch.prompt_ids, batch.ground_truths, jax.random.fold_in(base_key, step))
+            metrics = result.metrics
+            metrics["lr"] = metrics.get("actor/lr", float("nan"))
+            metrics["data/epoch"] = dataset.epoch
+            metrics_writer.write(step, metrics)
+            metrics_writer.write_samples(step, _sample_records(result, batch, config.log_samples))
+            progress.update(step, metrics)
+            log.info("step %d reward=%.3f format=%.2f correctness=%.2f accuracy=%.2f length=%.0f time=%.1fs", step,
                      metrics["reward/total"], metrics["reward/format"], metrics["reward/correctness"],
                      metrics["reward/accuracy"], metrics["response/length_mean"], metrics["time/step_s"])
-        if config.val_every > 0 and (step % config.val_every == 0 or step == config.total_steps):
-            run_validation(step)
-        checkpointer.save(step, trainer.train_state(), data_state=dataset.state(),
-                          rng_key=jax.random.fold_in(base_key, step), metadata={"model": str(model_folder)},
-                          force=step == config.total_steps)
-    checkpointer.close()
-    metrics_writer.close()
-    progress.close()
+            if config.val_every > 0 and (step % config.val_every == 0 or step == config.total_steps):
+                run_validation(step)
+            checkpointer.save(step, trainer.train_state(), data_state=dataset.state(),
+                              rng_key=jax.random.fold_in(base_key, step), metadata={"model": str(model_folder)},
+                              force=step == config.total_steps)
+    finally:
+        checkpointer.close()
+        metrics_writer.close()
+        progress.close()
     if FLAGS.export_dir:
         out = save_hf_model(trainer.model(), FLAGS.export_dir, dtype=FLAGS.export_dtype)
         if jax.process_index() == 0:

@@ -22,10 +22,11 @@ import numpy as np
 from absl import app, flags
 
 from experiments.common import (define_common_flags, load_model_and_tokenizer, load_split, make_mesh_and_placement,
-                                validate_common_flags)
+                                model_shape_settings, record_or_check_identity, validate_common_flags)
 from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
 from toolrl_jax.models.hf_io import copy_tokenizer_files, save_hf_model
+from toolrl_jax.run_identity import keep_launch_files
 from toolrl_jax.training.sft import SFTConfig, SFTTrainer
 
 FLAGS = flags.FLAGS
@@ -67,7 +68,8 @@ def sft_config_from_flags() -> SFTConfig:
         micro_batch_size=FLAGS.micro_batch_size, max_length=FLAGS.max_length,
         max_prompt_length=FLAGS.max_prompt_length, packing=FLAGS.packing, seed=FLAGS.seed, log_every=FLAGS.log_every,
         eval_every=FLAGS.eval_every, eval_batch_size=FLAGS.eval_batch_size, eval_accuracy=FLAGS.eval_accuracy,
-        eval_max_new_tokens=FLAGS.eval_max_new_tokens, logits_chunk_size=FLAGS.logits_chunk_size or None)
+        eval_max_new_tokens=FLAGS.eval_max_new_tokens, logits_chunk_size=FLAGS.logits_chunk_size or None,
+        max_consecutive_skips=FLAGS.max_consecutive_skipped_updates)
 
 
 def _validate_flags() -> SFTConfig:
@@ -95,6 +97,19 @@ def _validate_flags() -> SFTConfig:
         raise app.UsageError(f"invalid flags: {e}") from None
 
 
+def check_held_out(examples: list) -> list:
+    """The held-out examples whose ground truths the reward can parse (--bad_rows decides about the others)."""
+    from toolrl_jax.datasets.loading import BadRowsError, check_examples
+
+    try:
+        result = check_examples(examples, origin="--holdout examples", bad_rows=FLAGS.bad_rows)
+    except BadRowsError as e:
+        raise app.UsageError(f"{e}\n(--eval_accuracy scores these with the reward; --bad_rows=skip leaves such "
+                             "rows out)") from None
+    logging.info("%s", result.summary())
+    return result.examples
+
+
 def split_holdout(train: list, count: int, seed: int) -> tuple[list, list]:
     """(train without the held-out examples, held-out examples), chosen by a seeded permutation."""
     if count <= 0:
@@ -115,11 +130,21 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--run_dir={run_dir} already holds checkpoints: pass --resume to continue it or "
                              "choose a new --run_dir (runs are never overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    mesh, _, param_shardings_fn = make_mesh_and_placement()
-    _, model, tokenizer, model_folder = load_model_and_tokenizer(param_shardings_fn)
-    train_examples, val_examples = load_split()
+    # The data is read and checked before any weights load. SFT targets need not parse as calls, but the held-out
+    # examples are scored by the reward with --eval_accuracy.
+    train_examples, val_examples = load_split(check_train=False)
     train_examples, held_out = split_holdout(train_examples, FLAGS.holdout, FLAGS.seed)
+    if FLAGS.eval_accuracy and held_out:
+        held_out = check_held_out(held_out)
     val_examples = [*val_examples, *held_out]
+    resuming = FLAGS.resume and any(ckpt_dir.glob("*"))
+    mesh, _, param_shardings_fn = make_mesh_and_placement()
+    model_config, model, tokenizer, model_folder = load_model_and_tokenizer(param_shardings_fn)
+    record_or_check_identity(run_dir, resuming, model, tokenizer, model_folder,
+                             {"model": model_shape_settings(model_config), "adam_mu_dtype": FLAGS.adam_mu_dtype},
+                             {name: getattr(FLAGS, name) for name in (
+                                 "data", "val_data", "seed", "holdout", "batch_size", "max_length",
+                                 "max_prompt_length", "packing", "bad_rows")})
 
     trainer = SFTTrainer(model, tokenizer, train_examples, config, eval_examples=val_examples, mesh=mesh)
     del model
@@ -133,13 +158,12 @@ def main(argv: list[str]) -> None:
     is_main = jax.process_index() == 0
     writer = MetricsWriter(run_dir, resume_step=start_step if FLAGS.resume else None) if is_main else None
     tokenizer_folder = Path(FLAGS.tokenizer or model_folder)
-    if is_main:
-        (run_dir / "flags.txt").write_text(FLAGS.flags_into_string())
-        (run_dir / "config.json").write_text(json.dumps({
+    if is_main:  # each launch's flags and config; an earlier launch's files are kept
+        keep_launch_files(run_dir, {"flags.txt": FLAGS.flags_into_string(), "config.json": json.dumps({
             "model": str(model_folder), "tokenizer": str(tokenizer_folder), "data": FLAGS.data,
-            "sft": dataclasses.asdict(config), "total_steps": trainer.total_steps,
+            "resumed_from_step": start_step, "sft": dataclasses.asdict(config), "total_steps": trainer.total_steps,
             "train_data": dataclasses.asdict(trainer.report),
-            "eval_data": dataclasses.asdict(trainer.eval_report) if trainer.eval_report else None}, indent=2))
+            "eval_data": dataclasses.asdict(trainer.eval_report) if trainer.eval_report else None}, indent=2)})
     if start_step == 0 and writer is not None:
         writer.write(0, {**trainer.report.metrics("data/"), "data/total_steps": trainer.total_steps})
     if start_step == 0 and trainer.eval_data is not None:

@@ -52,6 +52,7 @@ def test_bench_padding_runs_on_the_toolrl_sft_data(shared_dir, tiny_chat_model_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["examples"] == 400 and 100 < report["prompt_tokens_mean"] < 2048
+    assert report["dataset_size"] == 3920 and report["prompt_order"] == "random"  # resampled to the recipe's size
     schemes = report["schemes"]
     assert schemes["none"]["flops_vs_none"] == 1.0
     assert schemes["micro"]["flops"] < schemes["minibatch"]["flops"] < schemes["none"]["flops"]

@@ -72,6 +72,17 @@ def test_config_validation_names_the_problem():
         GRPOConfig(prompts_per_step=8, mini_batch_prompts=4, group_size=3, micro_batch_rows=5)
     with pytest.raises(ValueError, match="not a regex"):
         GRPOConfig(trainable_regex="layers/(")
+    # caught here, not by a division by zero or at the first rollout
+    for bad, message in ((dict(mini_batch_prompts=0), "mini_batch_prompts must be an integer >= 1"),
+                         (dict(micro_batch_rows=-4), "micro_batch_rows must be an integer >= 1"),
+                         (dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"),
+                         (dict(top_k=-1), "top_k"), (dict(kl_coef=float("nan")), "kl_coef must be finite"),
+                         (dict(val_samples=-1), "val_samples")):
+        with pytest.raises(ValueError, match=message):
+            GRPOConfig(**bad)
+    from toolrl_jax.rl.ppo import PolicyLossConfig
+    with pytest.raises(ValueError, match="accumulation_divisor"):
+        PolicyLossConfig(agg_mode="verl", accumulation_divisor=0)
 
 
 def test_training_only_the_last_layer_leaves_the_rest_bit_identical(tiny_chat_model_dir):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 import time
 
@@ -34,14 +33,20 @@ def _scalars(events):
 def test_write_jsonl_and_tensorboard(tmp_path):
     with MetricsWriter(tmp_path) as w:
         w.write(1, {"reward": jnp.float32(0.5), "accuracy": np.float64(0.25), "n": np.int32(3), "tag": "a"})
-        w.write(2, {"reward": 0.75, "loss": float("nan")})
+        w.write(2, {"reward": 0.75, "loss": float("nan"), "grad_norm": float("-inf")})
         # flushed each step: readable before close
         assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
         w.write_samples(2, [{"prompt": "p", "response": "r", "reward": np.float32(1.0), "ids": np.arange(3)}])
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert records[0]["reward"] == 0.5 and records[0]["accuracy"] == 0.25 and records[0]["n"] == 3
     assert records[0]["tag"] == "a" and isinstance(records[0]["time"], float)
-    assert math.isnan(records[1]["loss"])
+    # strict JSON: non-finite values are null and named, never bare NaN/Infinity tokens
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None
+    assert records[1]["nonfinite"] == {"loss": "nan", "grad_norm": "-inf"}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token} in {line}"))
+    with pytest.raises(ValueError, match="reserved"):
+        MetricsWriter(tmp_path / "other").write(1, {"nonfinite": 1.0})
     samples = read_jsonl(tmp_path / "sample_log.jsonl")
     assert samples == [{"step": 2, "prompt": "p", "response": "r", "reward": 1.0, "ids": [0, 1, 2]}]
     scalars = _scalars(_read_tb_events(tmp_path))

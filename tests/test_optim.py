@@ -1,12 +1,15 @@
 """AdamW + clipping + schedules against hand values and torch.optim.AdamW with clip_grad_norm_."""
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer, make_schedule
+from toolrl_jax.optim import (DivergenceGuard, OptimizerConfig, TrainingDivergedError, apply_gradients, make_optimizer,
+                              make_schedule)
 
 
 def test_defaults_are_the_toolrl_recipe():
@@ -99,9 +102,33 @@ def test_nonfinite_gradients_skip_the_update():
     state = opt.init(params)
     params, state, _ = apply_gradients(opt, cfg, {"w": jnp.array([0.1, 0.2])}, state, params)
     new, new_state, metrics = apply_gradients(opt, cfg, {"w": jnp.array([jnp.nan, 0.2])}, state, params)
-    assert float(metrics["update_skipped"]) == 1.0
+    assert float(metrics["update_skipped"]) == 1.0 and float(metrics["params_finite"]) == 1.0
     for a, b in zip(jax.tree.leaves((new, new_state)), jax.tree.leaves((params, state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # without skipping, the non-finite update lands in the parameters, and the metric says so
+    raw = OptimizerConfig(learning_rate=0.1, skip_nonfinite=False)
+    _, _, metrics = apply_gradients(make_optimizer(raw), raw, {"w": jnp.array([jnp.nan, 0.2])}, state, params)
+    assert float(metrics["params_finite"]) == 0.0
+
+
+def test_divergence_guard_logs_every_skip_and_stops_after_the_limit(caplog):
+    guard = DivergenceGuard(3, "policy")
+    good = {"update_skipped": 0.0, "params_finite": 1.0, "grad_norm": 0.5}
+    bad = {"update_skipped": 1.0, "params_finite": 1.0, "grad_norm": float("nan")}
+    with caplog.at_level(logging.WARNING, logger="toolrl_jax.optim"):
+        for where, metrics in enumerate([bad, bad, good, bad, bad]):  # a good update resets the count
+            guard.observe(metrics, f"update {where}")
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+            f"policy update skipped at update {i}" for i in (0, 1, 3, 4)]
+        with pytest.raises(TrainingDivergedError, match="3 consecutive updates had non-finite gradients"):
+            guard.observe(bad, "update 5")
+    assert guard.total_skips == 5
+    with pytest.raises(TrainingDivergedError, match="parameters became non-finite at step 9"):
+        DivergenceGuard(3).observe({"update_skipped": 0.0, "params_finite": 0.0}, "step 9")
+    critic = DivergenceGuard(1, "critic")  # metrics under a prefix; a limit of one stops at the first skip
+    critic.observe({"update_skipped": 1.0}, "u1", prefix="critic/")  # the actor's skip is not the critic's
+    with pytest.raises(TrainingDivergedError, match="critic: 1 consecutive"):
+        critic.observe({"critic/update_skipped": 1.0}, "u2", prefix="critic/")
 
 
 def test_config_validation():
@@ -111,6 +138,12 @@ def test_config_validation():
         OptimizerConfig(schedule="cosine")
     with pytest.raises(ValueError, match="max_grad_norm"):
         OptimizerConfig(max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="learning_rate must be finite"):
+        OptimizerConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="b1 and b2"):
+        OptimizerConfig(b2=1.0)
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        OptimizerConfig(max_consecutive_skips=0)
 
 
 def test_bfloat16_params_keep_float32_hyperparameters():

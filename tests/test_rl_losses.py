@@ -167,6 +167,16 @@ def test_aggregate_modes_and_errors():
     assert float(aggregate(x, m)) == pytest.approx(10 / 4)
     assert float(aggregate(x, m, "seq-mean-token-mean")) == pytest.approx((2 + 4) / 2)
     assert float(aggregate(x, m, total_tokens=jnp.array(8.0))) == pytest.approx(10 / 8)
+    # token sums per sequence 6 and 4 (the third row has no valid token and does not count as a sequence)
+    assert float(aggregate(x, m, "seq-mean-token-sum")) == pytest.approx((6 + 4) / 2)
+    assert float(aggregate(x, m, "seq-mean-token-sum", total_sequences=jnp.array(5.0))) == pytest.approx(10 / 5)
+    # Dr. GRPO: each sequence's token sum over a constant (the response budget), then the mean over sequences
+    assert float(aggregate(x, m, "seq-mean-token-sum-norm", norm_length=10)) == pytest.approx((6 / 10 + 4 / 10) / 2)
+    assert float(aggregate(x, m, "seq-mean-token-sum-norm")) == pytest.approx((6 / 3 + 4 / 3) / 2)  # T = 3
+    # verl: this call's own token mean over the accumulation divisor; global counts are ignored on purpose
+    assert float(aggregate(x, m, "verl")) == pytest.approx(10 / 4)
+    assert float(aggregate(x, m, "verl", total_tokens=jnp.array(8.0), accumulation_divisor=jnp.array(2.0))) \
+        == pytest.approx(10 / 4 / 2)
     with pytest.raises(ValueError, match="aggregation mode"):
         aggregate(x, m, "token-sum")
 
@@ -191,7 +201,8 @@ def test_actor_loss_composition_and_config_checks():
             PolicyLossConfig(**bad)
 
 
-@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
 def test_micro_batch_accumulation_is_exact(agg_mode):
     """Sum over k micro-batches of (loss with global normalizers) == full-batch loss, for values and gradients."""
     rng = np.random.default_rng(3)
@@ -214,7 +225,7 @@ def test_micro_batch_accumulation_is_exact(agg_mode):
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (full_loss, full_metrics), full_grad = grad_fn(w, np.arange(b), {})
-    totals = count_normalizers(mask)
+    totals = count_normalizers(mask, norm_length=t if agg_mode == "seq-mean-token-sum-norm" else None)
     acc_loss, acc_grad, acc_clip = 0.0, jnp.zeros_like(w), 0.0
     micro_batches = (np.array([0, 1]), np.array([2, 3]), np.array([4, 5]))  # 6, 7 and 7 valid tokens
     for rows in micro_batches:
@@ -228,3 +239,40 @@ def test_micro_batch_accumulation_is_exact(agg_mode):
         return
     naive = np.mean([float(grad_fn(w, r, {})[0][0]) for r in micro_batches])
     assert abs(naive - float(full_loss)) > 1e-4
+
+
+def test_verl_aggregation_reproduces_the_original_gradient_scale():
+    """The original trainer (veRL 0.1 dp_actor.update_policy) backpropagates, per micro-batch, that micro-batch's
+    token-mean loss divided by the gradient-accumulation count. Accumulating the "verl" mode over micro-batches
+    gives exactly that sum, by hand from token-mean losses of each micro-batch alone, in value and gradient; it
+    differs from the global token mean when micro-batches hold different token counts, and scales with the divisor
+    (which is what gradient clipping sees)."""
+    rng = np.random.default_rng(5)
+    b, t, h, v = 6, 5, 4, 7
+    hidden = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(h, v)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, size=(b, t)))
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([5, 1, 3, 4, 2, 5])[:, None], jnp.int32)
+    old = jnp.asarray(rng.normal(size=(b, t)) * 0.1 - 2.0, jnp.float32)
+    adv = jnp.asarray(rng.normal(size=(b, t)), jnp.float32)
+
+    def loss_fn(w, rows, cfg, totals):
+        logp, ent = token_logprobs_and_entropy(hidden[rows] @ w, targets[rows])
+        return actor_loss(logp, ent, old[rows], adv[rows], mask[rows], cfg, **totals)[0]
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
+    micro_batches = (np.array([0, 1]), np.array([2, 3]), np.array([4, 5]))  # 6, 7 and 7 valid tokens
+    token_mean = PolicyLossConfig(entropy_coef=0.01)
+    for divisor in (3, 2):  # the number of micro-batches, or the original recipe's smaller count
+        verl = PolicyLossConfig(entropy_coef=0.01, agg_mode="verl", accumulation_divisor=divisor)
+        totals = count_normalizers(mask, accumulation_divisor=divisor)
+        acc_loss, acc_grad, hand_loss, hand_grad = 0.0, 0.0, 0.0, 0.0
+        for rows in micro_batches:
+            l, g = grad_fn(w, rows, verl, totals)
+            acc_loss, acc_grad = acc_loss + l, acc_grad + g
+            l, g = grad_fn(w, rows, token_mean, {})  # that micro-batch's own token mean
+            hand_loss, hand_grad = hand_loss + l / divisor, hand_grad + g / divisor
+        np.testing.assert_allclose(float(acc_loss), float(hand_loss), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(acc_grad), np.asarray(hand_grad), rtol=1e-5, atol=1e-7)
+    global_loss = float(grad_fn(w, np.arange(b), token_mean, {})[0])
+    assert abs(float(acc_loss) * 2 / 3 - global_loss) > 1e-4  # divisor 3 != the global token mean here

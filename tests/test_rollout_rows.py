@@ -15,8 +15,9 @@ from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.optim import OptimizerConfig, make_optimizer
 from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.rl.ppo import PolicyLossConfig, count_normalizers
+from toolrl_jax.rl.losses import AGG_MODES
 from toolrl_jax.training.grpo import (batched_logprobs, make_logprob_fn, make_split_update_fns, make_update_fn,
-                                     stack_minibatches)
+                                     stack_minibatches, update_normalizers)
 from toolrl_jax.training.sequences import (join_prompt_and_response, response_logprobs, row_extents, rows_by_length,
                                           trim_rows)
 
@@ -118,10 +119,11 @@ def _minibatch(rows, seed=3):
 _OPT_CONFIG = OptimizerConfig(learning_rate=1e-2, eps=1.0, max_grad_norm=None)
 
 
-def _updated(model, minibatch, logits_chunk_size=None):
+def _updated(model, minibatch, logits_chunk_size=None, policy=PolicyLossConfig()):
     graphdef, params = nnx.split(copy_model(model))
     optimizer = make_optimizer(_OPT_CONFIG)
-    update = make_update_fn(graphdef, optimizer, _OPT_CONFIG, PolicyLossConfig(), logits_chunk_size=logits_chunk_size)
+    update = make_update_fn(graphdef, optimizer, _OPT_CONFIG, policy, logits_chunk_size=logits_chunk_size,
+                            response_budget=RESPONSE_WIDTH)
     new_params, _, metrics = update(params, optimizer.init(params), nnx.State({}), minibatch)
     return jax.tree.map(np.asarray, new_params), jax.device_get(metrics)
 
@@ -148,12 +150,20 @@ def test_update_on_trimmed_rows_and_chunked_head_equals_full_rows(model):
             np.testing.assert_allclose(a, b, atol=1e-7)
 
 
-def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_update(model):
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_update(model, agg_mode):
     """Rows sorted by length, each micro-batch cut to its own widths, gradients summed across jitted calls: the
-    same metrics and parameters as one scan over the full-width mini-batch."""
+    same metrics and parameters as one scan over the full-width mini-batch, in every loss aggregation mode (verl's
+    value depends on which rows share a micro-batch, so the fused reference takes the same micro-batches)."""
+    policy = PolicyLossConfig(agg_mode=agg_mode)
     rows = _minibatch(_rows([3, 9, 7, 2, 16, 1], [5, 2, 6, 1, 12, 3], seed=6))
-    params_full, metrics_full = _updated(model, stack_minibatches(rows, 6, 2)[0])
     order = rows_by_length(rows)
+    sorted_rows = {k: v[order] for k, v in rows.items()}
+    params_full, metrics_full = _updated(model, stack_minibatches(sorted_rows, 6, 2)[0], policy=policy)
+    if agg_mode != "verl":  # the other modes do not depend on how rows are grouped into micro-batches
+        params_unsorted, _ = _updated(model, stack_minibatches(rows, 6, 2)[0], policy=policy)
+        for a, b in zip(jax.tree.leaves(params_unsorted), jax.tree.leaves(params_full)):
+            np.testing.assert_allclose(a, b, atol=1e-7)
     micros = []
     for start in range(0, 6, 2):
         micro = {k: v[order[start:start + 2]] for k, v in rows.items()}
@@ -162,8 +172,8 @@ def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_u
     assert len({m["input_ids"].shape for m in micros}) == 3, "each micro-batch has its own width"
     graphdef, params = nnx.split(copy_model(model))
     optimizer = make_optimizer(_OPT_CONFIG)
-    fns = make_split_update_fns(graphdef, optimizer, _OPT_CONFIG, PolicyLossConfig(), logits_chunk_size=4)
-    normalizers = jax.device_get(count_normalizers(rows["response_mask"]))
+    fns = make_split_update_fns(graphdef, optimizer, _OPT_CONFIG, policy, logits_chunk_size=4)
+    normalizers = jax.device_get(update_normalizers(rows["response_mask"], policy, len(micros), RESPONSE_WIDTH))
     grads, micro_metrics = fns.zeros(params), []
     for micro in micros:
         grads, m = fns.accumulate(params, nnx.State({}), grads, micro, normalizers)

@@ -368,7 +368,8 @@ _PARSER = textwrap.dedent("""\
                          "group_size": FLAGS.group_size, "total_steps": FLAGS.total_steps,
                          "reward": repr(config.reward), "kl_coef": config.kl_coef,
                          "prompts": config.prompts_per_step, "mini": config.mini_batch_prompts,
-                         "entropy": config.policy.entropy_coef, "max_resp": config.max_response_length}
+                         "entropy": config.policy.entropy_coef, "max_resp": config.max_response_length,
+                         "prompt_order": FLAGS.prompt_order, "loss_agg": config.policy.agg_mode}
         except Exception as e:  # reported to the test, which names the file
             out[path] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     print(json.dumps(out))
@@ -398,8 +399,10 @@ def test_paper_flagfiles_parse_with_the_recipe(parsed):
     for name in PAPER_FLAGFILES:
         r = results[str(CONFIGS / name)]
         assert r["ok"], f"{name}: {r.get('error')}"
+        # 104 steps: the original configures 15 epochs x 7 steps but its loop stops after the 104th update
         assert (r["lr"], r["group_size"], r["total_steps"], r["kl_coef"], r["prompts"], r["mini"], r["entropy"],
-                r["max_resp"]) == (1e-6, 4, 105, 0.001, 512, 128, 0.001, 1024), name
+                r["max_resp"], r["prompt_order"], r["loss_agg"]) == (
+                    1e-6, 4, 104, 0.001, 512, 128, 0.001, 1024, "random", "token-mean"), name
         assert r["run_dir"] == "runs/" + name.removesuffix(".flags")
     assert results[str(CONFIGS / "grpo_sft400_qwen2.5_3b.flags")]["model"] == "runs/sft400_qwen2.5_3b/export"
     sft = sweeps.read_flagfile(CONFIGS / "sft400_qwen2.5_3b.flags")

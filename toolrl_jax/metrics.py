@@ -50,6 +50,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+NONFINITE_KEY = "nonfinite"
+
+
+def _strict_json(record: Mapping[str, Any]) -> str:
+    """One JSON line with every non-finite float (at the top level) replaced by null and listed, as "nan"/"inf"/
+    "-inf", under NONFINITE_KEY; nested values are left to `json.dumps(allow_nan=False)`, which refuses them."""
+    out, named = {}, {}
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key], named[key] = None, "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        else:
+            out[key] = value
+    if named:
+        out[NONFINITE_KEY] = named
+    return json.dumps(out, default=_json_default, allow_nan=False)
+
+
 def _truncate_jsonl(path: Path, resume_step: int) -> int:
     """Keep only well-formed lines with step <= resume_step (atomic rewrite); returns the number dropped."""
     if not path.exists():
@@ -80,7 +97,8 @@ class MetricsWriter:
 
     resume_step: None for a new run (the run dir must not already hold metrics); otherwise the step training
     resumes after (0 = start over in an existing dir). Every write is flushed immediately.
-    Non-finite floats are written as JSON NaN/Infinity (readable by Python and pandas).
+    Every line is strict JSON: a non-finite float is written as null and named, with its value as a string, under
+    the line's "nonfinite" key (e.g. "nonfinite": {"actor/grad_norm": "nan"}); TensorBoard gets the float itself.
     On multiple hosts, create it on process 0 only.
     """
 
@@ -111,10 +129,10 @@ class MetricsWriter:
         """Append one line {"step", "time", **metrics} and log the numeric values to TensorBoard."""
         record: dict[str, Any] = {"step": int(step), "time": time.time()}
         for key, value in metrics.items():
-            if key in record:
+            if key in record or key == NONFINITE_KEY:
                 raise ValueError(f"metric name {key!r} is reserved")
             record[key] = to_python(value, key)
-        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.write(_strict_json(record) + "\n")
         self._metrics_file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -127,7 +145,7 @@ class MetricsWriter:
         """Append one line per sample, e.g. {"step", "prompt", "response", "ground_truth", "reward"}."""
         for sample in samples:
             record = {"step": int(step), **sample}
-            self._samples_file.write(json.dumps(record, default=_json_default) + "\n")
+            self._samples_file.write(_strict_json(record) + "\n")
         self._samples_file.flush()
         if self._tb is not None and samples:
             self._tb.add_text("samples", "\n\n".join(f"```\n{json.dumps(dict(s), default=_json_default)[:4000]}\n```"

@@ -7,6 +7,9 @@ the latest update can be read back from the optimizer state for logging.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,8 @@ class OptimizerConfig:
     parameters with fewer than 2 dimensions (norm scales, biases).
     max_grad_norm: clip by global norm; None disables clipping.
     skip_nonfinite: an update whose gradient norm is NaN/inf leaves parameters and optimizer state unchanged (veRL).
+    max_consecutive_skips: that many skipped updates in a row stop the run (`DivergenceGuard`): one bad batch is
+      survivable, a diverged model is not (every later gradient is non-finite too).
     mu_dtype: dtype of AdamW's first moment (None = the parameter dtype). "bfloat16" saves 2 bytes per parameter
       with fp32 weights (the second moment stays in the parameter dtype: its square-root scale needs the range).
     """
@@ -42,6 +48,7 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     decay_all_params: bool = True
     skip_nonfinite: bool = True
+    max_consecutive_skips: int = 3
     mu_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -57,6 +64,14 @@ class OptimizerConfig:
                                  f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
         if self.mu_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"OptimizerConfig.mu_dtype must be None, 'float32' or 'bfloat16', got {self.mu_dtype!r}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"OptimizerConfig.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"OptimizerConfig.{name} must be finite, got {getattr(self, name)}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0) or self.eps <= 0:
+            raise ValueError(f"OptimizerConfig: b1 and b2 must be in [0, 1) and eps > 0, got b1={self.b1}, "
+                             f"b2={self.b2}, eps={self.eps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -102,9 +117,11 @@ def learning_rate(opt_state: Any) -> jax.Array:
 
 def apply_gradients(optimizer: optax.GradientTransformation, cfg: OptimizerConfig, grads: Any, opt_state: Any,
                     params: Any) -> tuple[Any, Any, dict[str, jax.Array]]:
-    """One optimizer step; returns (params, opt_state, metrics with the pre-clip grad_norm, lr, update_skipped).
+    """One optimizer step; returns (params, opt_state, metrics with the pre-clip grad_norm, lr, update_skipped,
+    params_finite).
 
-    With `cfg.skip_nonfinite`, a non-finite gradient norm keeps params and opt_state as they were.
+    With `cfg.skip_nonfinite`, a non-finite gradient norm keeps params and opt_state as they were. params_finite
+    (1.0 / 0.0) says whether every returned parameter is finite; `DivergenceGuard` reads both flags on the host.
     """
     grad_norm = optax.global_norm(grads)
     updates, new_state = optimizer.update(grads, opt_state, params)
@@ -114,5 +131,48 @@ def apply_gradients(optimizer: optax.GradientTransformation, cfg: OptimizerConfi
         keep = lambda new, old: jnp.where(skipped, old, new)  # noqa: E731
         new_params = jax.tree.map(keep, new_params, params)
         new_state = jax.tree.map(keep, new_state, opt_state)
-    metrics = {"grad_norm": grad_norm, "lr": learning_rate(new_state), "update_skipped": skipped.astype(jnp.float32)}
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+    metrics = {"grad_norm": grad_norm, "lr": learning_rate(new_state), "update_skipped": skipped.astype(jnp.float32),
+               "params_finite": finite.astype(jnp.float32)}
     return new_params, new_state, metrics
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Raised when training cannot go on: non-finite parameters, or too many non-finite gradients in a row."""
+
+
+class DivergenceGuard:
+    """Reads each update's `update_skipped` / `params_finite` metrics (host values, in update order): logs every
+    skipped update with its gradient norm, and raises `TrainingDivergedError` as soon as parameters are non-finite or
+    after `max_consecutive_skips` skipped updates in a row. The caller must not save the state it raised on."""
+
+    def __init__(self, max_consecutive_skips: int, name: str = "policy"):
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.name = name
+        self.consecutive_skips = 0
+        self.total_skips = 0
+
+    def observe(self, metrics: Mapping[str, Any], where: str, prefix: str = "") -> None:
+        """Checks one update's metrics (keys `prefix + "update_skipped"` etc.); `where` names the update in messages,
+        e.g. "GRPO step 7, update 2 of 4"."""
+        grad_norm = float(metrics.get(prefix + "grad_norm", float("nan")))
+        if float(metrics.get(prefix + "params_finite", 1.0)) < 1.0:
+            raise TrainingDivergedError(
+                f"{self.name} parameters became non-finite at {where} (grad_norm {grad_norm:.4g}); the run stops and "
+                f"nothing from this step is saved: resume from the last checkpoint with a lower learning rate")
+        if float(metrics.get(prefix + "update_skipped", 0.0)) > 0.0:
+            self.consecutive_skips += 1
+            self.total_skips += 1
+            logger.warning("%s update skipped at %s: non-finite gradient norm %s (%d in a row, %d in all; the run stops "
+                           "at %d in a row)", self.name, where, grad_norm, self.consecutive_skips, self.total_skips,
+                           self.max_consecutive_skips)
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                raise TrainingDivergedError(
+                    f"{self.name}: {self.consecutive_skips} consecutive updates had non-finite gradients (the last at "
+                    f"{where}, grad_norm {grad_norm}): the model has diverged; the run stops and nothing from this "
+                    f"step is saved. Resume from the last checkpoint with a lower learning rate, or raise "
+                    f"--max_consecutive_skipped_updates to tolerate more")
+        else:
+            self.consecutive_skips = 0

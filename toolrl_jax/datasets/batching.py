@@ -5,16 +5,23 @@ template in real runs, see `chat_encoder`; anything in tests), truncates prompts
 `max_prompt_length` (as ToolRL/veRL do: the end of the prompt, where the generation starts, is kept), and serves
 left-padded batches.
 
-Order: epoch e permutes the examples with a generator seeded by (seed, e); consecutive windows of
-`batch_size * sort_window` examples are sorted by length and cut into batches (so a batch holds prompts of similar
-length and pads little), and the batch order is then shuffled. The order is a pure function of (seed, epoch), so
-`state()` is just (epoch, batch index) and `restore` resumes exactly where an uninterrupted run would be.
+Order (`epoch_order`, a pure function of (lengths, seed, epoch), so `state()` is just (epoch, batch index) and
+`restore` resumes exactly where an uninterrupted run would be):
+  * "random" (default, the original ToolRL/veRL sampler: a `DataLoader(shuffle=True, drop_last=True)`): epoch e
+    permutes the examples with a generator seeded by (seed, e) and cuts the permutation into batches; the final
+    partial batch is dropped, so a *different random* remainder sits out each epoch and every step is a uniform
+    random draw of the data (its length distribution is the whole set's).
+  * "length_grouped" (an explicit option): consecutive windows of `batch_size * sort_window` permuted examples are
+    sorted by length and cut into batches, and the batch order is shuffled. Less prompt padding, but a step then
+    covers a narrow length band, and when the window exceeds the data the dropped remainder is always the longest
+    prompts (never trained on). Padding inside a GRPO step is cut by ordering its rows instead
+    (`GRPOTrainer.row_order`), which leaves what is trained unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +31,7 @@ from toolrl_jax.datasets.example import ToolRLExample
 
 EncodeFn = Callable[[list[dict[str, str]]], Sequence[int]]
 STATE_VERSION = 1
+ORDERS = ("random", "length_grouped")
 
 
 def chat_encoder(tokenizer) -> EncodeFn:
@@ -47,13 +55,15 @@ def default_buckets(max_prompt_length: int, smallest: int = 32) -> tuple[int, ..
 class BatchingConfig:
     """batch_size: prompts per batch. max_prompt_length: longer prompts are handled per `truncation` ("left":
     keep the last max_prompt_length tokens; "drop": leave the example out; "error": raise). bucket_lengths: the
-    padded lengths a batch may take (sorted, last == max_prompt_length; None = `default_buckets`). sort_window:
-    batches per length-sorting window (1 = no length grouping). drop_last: drop an epoch's final partial batch
-    (static shapes)."""
+    padded lengths a batch may take (sorted, last == max_prompt_length; None = `default_buckets`). order: "random"
+    (uniform random batches, the original's) or "length_grouped" (see the module doc); sort_window: batches per
+    length-sorting window of the "length_grouped" order. drop_last: drop an epoch's final partial batch (static
+    shapes)."""
     batch_size: int
     max_prompt_length: int
     seed: int = 0
     shuffle: bool = True
+    order: Literal["random", "length_grouped"] = "random"
     sort_window: int = 16
     bucket_lengths: tuple[int, ...] | None = None
     drop_last: bool = True
@@ -64,6 +74,8 @@ class BatchingConfig:
         if self.batch_size < 1 or self.max_prompt_length < 1 or self.sort_window < 1:
             raise ValueError("batch_size, max_prompt_length and sort_window must be >= 1, got "
                              f"{self.batch_size}, {self.max_prompt_length}, {self.sort_window}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.truncation not in ("left", "drop", "error"):
             raise ValueError(f"truncation must be 'left', 'drop' or 'error', got {self.truncation!r}")
         if self.bucket_lengths is not None:
@@ -95,6 +107,32 @@ class PromptBatch:
     @property
     def ground_truths(self) -> list[str]:
         return [e.ground_truth for e in self.examples]
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int, order: str = "random",
+                sort_window: int = 16, shuffle: bool = True, drop_last: bool = True) -> list[np.ndarray]:
+    """The example indices of every batch of `epoch`, in order: a pure function of its arguments (module doc).
+
+    lengths: [N] prompt lengths (used only by the "length_grouped" order).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    permutation = rng.permutation(n) if shuffle else np.arange(n)
+    grouped = order == "length_grouped" and sort_window > 1
+    window = batch_size * sort_window if grouped else max(n, 1)
+    batches: list[np.ndarray] = []
+    for start in range(0, n, window):
+        chunk = permutation[start:start + window]
+        if grouped:
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    if batches and drop_last and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle and grouped:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray,
@@ -161,20 +199,9 @@ class PromptDataset(EpochCursor):
         """The example indices of every batch of `epoch`, in order (pure in (seed, epoch))."""
         if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
             return self._cached_epoch[1]
-        cfg, n = self.config, len(self.examples)
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(n) if cfg.shuffle else np.arange(n)
-        window = cfg.batch_size * cfg.sort_window
-        batches: list[np.ndarray] = []
-        for start in range(0, n, window):
-            chunk = order[start:start + window]
-            if cfg.sort_window > 1:
-                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size))
-        if batches and cfg.drop_last and len(batches[-1]) < cfg.batch_size:
-            batches.pop()
-        if cfg.shuffle and cfg.sort_window > 1:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+        cfg = self.config
+        batches = epoch_order(self.lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, order=cfg.order,
+                              sort_window=cfg.sort_window, shuffle=cfg.shuffle, drop_last=cfg.drop_last)
         self._cached_epoch = (epoch, batches)
         return batches
 
@@ -201,6 +228,14 @@ class PromptDataset(EpochCursor):
 
     def _identity(self) -> dict[str, Any]:
         cfg = self.config
+        grouped = cfg.order == "length_grouped"
         return {"version": STATE_VERSION, "seed": cfg.seed, "batch_size": cfg.batch_size, "shuffle": cfg.shuffle,
-                "sort_window": cfg.sort_window, "drop_last": cfg.drop_last, "num_examples": len(self.examples),
-                "fingerprint": self._fingerprint}
+                "order": cfg.order, "sort_window": cfg.sort_window if grouped else 1, "drop_last": cfg.drop_last,
+                "num_examples": len(self.examples), "fingerprint": self._fingerprint}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """As `EpochCursor.restore`; a position saved before `order` existed was "length_grouped" (the only order
+        then, or "random" when its sort_window was 1)."""
+        if "order" not in state:
+            state = {**state, "order": "length_grouped" if state.get("sort_window", 1) > 1 else "random"}
+        super().restore(state)

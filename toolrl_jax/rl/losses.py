@@ -1,10 +1,11 @@
 """Token log-probs/entropy from logits and the PPO-family loss terms (clipped policy loss, KL, value loss).
 
-Gradient accumulation: every loss here is `sum over valid tokens / normalizer`. Pass the GLOBAL normalizer of the
-whole mini-batch (`total_tokens`, or `total_sequences` for the sequence-mean mode; see `ppo.count_normalizers`) to
-each micro-batch call and the micro-batch losses and gradients add up exactly to the mini-batch token mean. With no
-normalizer the local count is used, i.e. a plain masked mean. Metrics follow the same rule (token sums divided by
-`total_tokens`) so they accumulate by summation too.
+Gradient accumulation: every loss here is `sum over valid tokens (or sequences) / normalizer`. Pass the GLOBAL
+normalizers of the whole mini-batch (`total_tokens`, `total_sequences`; see `ppo.count_normalizers`) to each
+micro-batch call and the micro-batch losses and gradients add up exactly to the mini-batch value. With no normalizer
+the local count is used, i.e. a plain masked mean. Metrics follow the same rule (token sums divided by
+`total_tokens`) so they accumulate by summation too. The one exception is the "verl" mode, which reproduces the
+original ToolRL trainer's per-micro-batch normalisation on purpose (see `aggregate`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "verl")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 
@@ -103,25 +104,50 @@ def token_logprobs_and_entropy_from_hidden(hidden: jax.Array, logits_fn: Callabl
 
 
 def aggregate(x: jax.Array, mask: jax.Array, mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
-              total_sequences: Optional[jax.Array] = None) -> jax.Array:
+              total_sequences: Optional[jax.Array] = None, norm_length: Optional[float] = None,
+              accumulation_divisor: Optional[jax.Array] = None) -> jax.Array:
     """Reduce a [B, T] per-token quantity to a scalar over valid tokens.
 
-    token-mean: sum over valid tokens / total_tokens (default: the local valid-token count).
-    seq-mean-token-mean: sum over sequences of (that sequence's token mean) / total_sequences (default: the local
-      number of sequences with at least one valid token).
+    With S_b = sum of sequence b's valid tokens, n_b their count, N = total_tokens (default: the local valid-token
+    count) and G = total_sequences (default: the local number of sequences with >= 1 valid token):
+      token-mean:               sum_b S_b / N  (DAPO's token-level loss; ToolRL/veRL's default)
+      seq-mean-token-mean:      sum_b (S_b / n_b) / G  (the GRPO paper's sample-level loss)
+      seq-mean-token-sum:       sum_b S_b / G  (veRL `agg_loss`; longer responses weigh more)
+      seq-mean-token-sum-norm:  sum_b S_b / (G * norm_length)  (Dr. GRPO, Liu et al. 2025, "Understanding
+                                R1-Zero-Like Training", sec. 3.2: a constant length normaliser, the maximum response
+                                length, instead of each sequence's own; as TRL's loss_type="dr_grpo". veRL's mode of
+                                this name divides by the constant only, not by G: the same direction, a batch-size
+                                scale.) norm_length defaults to the padded width T, which is only constant when
+                                rows are not trimmed: pass the response budget.
+      verl:                     sum_b S_b / (n_local * accumulation_divisor), n_local this call's OWN valid-token
+                                count: summed over a mini-batch's micro-batches this is the sum of each micro-batch's
+                                token mean divided by the accumulation count, the gradient scale of the original
+                                ToolRL trainer (veRL 0.1 dp_actor.update_policy: `loss = policy_loss /
+                                gradient_accumulation` per micro-batch). The value depends on how rows are cut into
+                                micro-batches; divisor default 1 (a plain local token mean).
     """
     chex.assert_rank([x, mask], 2)
     chex.assert_equal_shape([x, mask])
     m = mask.astype(bool)
     xm = jnp.where(m, x.astype(jnp.float32), 0.0)
+
+    def ratio(numerator, denominator):
+        return numerator / jnp.maximum(jnp.asarray(denominator, jnp.float32), 1.0)
+
+    per_seq_count = jnp.sum(m, axis=-1)
+    sequences = jnp.sum(per_seq_count > 0) if total_sequences is None else total_sequences
     if mode == "token-mean":
-        denom = jnp.sum(m) if total_tokens is None else total_tokens
-        return jnp.sum(xm) / jnp.maximum(jnp.asarray(denom, jnp.float32), 1.0)
+        return ratio(jnp.sum(xm), jnp.sum(m) if total_tokens is None else total_tokens)
     if mode == "seq-mean-token-mean":
-        per_seq_count = jnp.sum(m, axis=-1)
-        per_seq_mean = jnp.sum(xm, axis=-1) / jnp.maximum(per_seq_count, 1)
-        denom = jnp.sum(per_seq_count > 0) if total_sequences is None else total_sequences
-        return jnp.sum(per_seq_mean) / jnp.maximum(jnp.asarray(denom, jnp.float32), 1.0)
+        return ratio(jnp.sum(jnp.sum(xm, axis=-1) / jnp.maximum(per_seq_count, 1)), sequences)
+    if mode == "seq-mean-token-sum":
+        return ratio(jnp.sum(xm), sequences)
+    if mode == "seq-mean-token-sum-norm":
+        length = x.shape[-1] if norm_length is None else norm_length
+        return ratio(jnp.sum(xm), sequences) / jnp.asarray(length, jnp.float32)
+    if mode == "verl":
+        divisor = 1.0 if accumulation_divisor is None else accumulation_divisor
+        return ratio(jnp.sum(xm), jnp.sum(m)) / jnp.asarray(divisor, jnp.float32)
     raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}")
 
 
@@ -158,7 +184,8 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3") -> jax.A
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip_c: Optional[float] = None,
                 agg_mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
-                total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                total_sequences: Optional[jax.Array] = None, norm_length: Optional[float] = None,
+                accumulation_divisor: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate: per token max(-A r, -A clip(r, 1-eps, 1+eps_high)), r = exp(logp - old_logp).
 
     `clip_eps_high` defaults to `clip_eps` (set it higher for DAPO-style clip-higher). With `dual_clip_c` (> 1),
@@ -183,7 +210,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         bound = -adv * dual_clip_c
         dual = ((adv < 0) & (per_token > bound)).astype(jnp.float32)
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
-    loss = aggregate(per_token, mask, agg_mode, total_tokens, total_sequences)
+    loss = aggregate(per_token, mask, agg_mode, total_tokens, total_sequences, norm_length, accumulation_divisor)
     metrics = {
         "clipfrac": _token_metric(clipped, mask, total_tokens),
         "clipfrac_dual": _token_metric(dual, mask, total_tokens),

@@ -7,6 +7,7 @@ every micro-batch call: the micro-batch losses (and gradients, and metrics) then
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import chex
@@ -26,7 +27,15 @@ class PolicyLossConfig:
     entropy_coef: float = 0.001
     kl_loss_coef: float = 0.0  # > 0 adds a KL-to-reference loss term (needs ref log-probs)
     kl_loss_type: str = "k3"
+    # How token losses become the mini-batch loss (`losses.aggregate`): token-mean (ToolRL), seq-mean-token-mean,
+    # seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO) or verl (the original trainer's gradient scale).
     agg_mode: str = "token-mean"
+    # seq-mean-token-sum-norm's constant (None: the trainer's response budget, max_response_length).
+    norm_length: Optional[int] = None
+    # verl mode: the original's gradient-accumulation divisor, its mini-batch / micro-batch size ratio times the
+    # data-parallel ranks whose gradients are averaged (ToolRL recipe: 2 x 2 = 4); None = the number of micro-batches
+    # an update is cut into (each micro-batch's token mean, averaged).
+    accumulation_divisor: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_eps < 1.0:
@@ -39,8 +48,16 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.kl_loss_type must be one of {KL_ESTIMATORS}, got {self.kl_loss_type!r}")
         if self.agg_mode not in AGG_MODES:
             raise ValueError(f"PolicyLossConfig.agg_mode must be one of {AGG_MODES}, got {self.agg_mode!r}")
-        if self.kl_loss_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("PolicyLossConfig: kl_loss_coef and entropy_coef must be >= 0")
+        if not (self.kl_loss_coef >= 0 and self.entropy_coef >= 0) or math.isinf(self.kl_loss_coef + self.entropy_coef):
+            raise ValueError(f"PolicyLossConfig: kl_loss_coef and entropy_coef must be finite and >= 0, got "
+                             f"{self.kl_loss_coef} and {self.entropy_coef}")
+        for name in ("norm_length", "accumulation_divisor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"PolicyLossConfig.{name} must be >= 1 or None, got {value}")
+
+
+VALUE_AGG_MODES = ("token-mean", "seq-mean-token-mean")  # the critic's (its accumulation uses the global counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,35 +70,45 @@ class ValueLossConfig:
     def __post_init__(self) -> None:
         if self.cliprange_value <= 0:
             raise ValueError(f"ValueLossConfig.cliprange_value must be positive, got {self.cliprange_value}")
-        if self.agg_mode not in AGG_MODES:
-            raise ValueError(f"ValueLossConfig.agg_mode must be one of {AGG_MODES}, got {self.agg_mode!r}")
+        if self.agg_mode not in VALUE_AGG_MODES:
+            raise ValueError(f"ValueLossConfig.agg_mode must be one of {VALUE_AGG_MODES}, got {self.agg_mode!r}")
 
 
-def count_normalizers(mask: jax.Array) -> dict[str, jax.Array]:
-    """Global normalizers of a mini-batch mask [B, T]: valid tokens and sequences with >= 1 valid token."""
+def count_normalizers(mask: jax.Array, *, norm_length: Optional[int] = None,
+                      accumulation_divisor: Optional[int] = None) -> dict[str, jax.Array]:
+    """Global normalizers of a mini-batch mask [B, T]: valid tokens and sequences with >= 1 valid token, plus the
+    constants of the seq-mean-token-sum-norm and verl aggregations when given (see `losses.aggregate`)."""
     chex.assert_rank(mask, 2)
     m = mask.astype(bool)
-    return {"total_tokens": jnp.sum(m).astype(jnp.float32),
-            "total_sequences": jnp.sum(jnp.any(m, axis=-1)).astype(jnp.float32)}
+    out = {"total_tokens": jnp.sum(m).astype(jnp.float32),
+           "total_sequences": jnp.sum(jnp.any(m, axis=-1)).astype(jnp.float32)}
+    if norm_length is not None:
+        out["norm_length"] = jnp.asarray(norm_length, jnp.float32)
+    if accumulation_divisor is not None:
+        out["accumulation_divisor"] = jnp.asarray(accumulation_divisor, jnp.float32)
+    return out
 
 
 def actor_loss(logp: jax.Array, entropy: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                config: PolicyLossConfig, ref_logp: Optional[jax.Array] = None,
-               total_tokens: Optional[jax.Array] = None,
-               total_sequences: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar actor loss for one (micro-)batch plus metrics; all inputs [B, T] (advantages already per token)."""
+               total_tokens: Optional[jax.Array] = None, total_sequences: Optional[jax.Array] = None,
+               norm_length: Optional[jax.Array] = None,
+               accumulation_divisor: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar actor loss for one (micro-)batch plus metrics; all inputs [B, T] (advantages already per token).
+    Every term is aggregated with `config.agg_mode` and the normalizers of `count_normalizers`."""
     chex.assert_equal_shape([logp, entropy, old_logp, advantages, mask])
+    norms = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
+                 accumulation_divisor=accumulation_divisor)
     pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps=config.clip_eps,
                               clip_eps_high=config.clip_eps_high, dual_clip_c=config.dual_clip_c,
-                              agg_mode=config.agg_mode, total_tokens=total_tokens, total_sequences=total_sequences)
-    ent = aggregate(entropy, mask, config.agg_mode, total_tokens, total_sequences)
+                              agg_mode=config.agg_mode, **norms)
+    ent = aggregate(entropy, mask, config.agg_mode, **norms)
     loss = pg - config.entropy_coef * ent
     metrics = dict(metrics, pg_loss=pg, entropy=aggregate(entropy, mask, "token-mean", total_tokens))
     if config.kl_loss_coef > 0:
         if ref_logp is None:
             raise ValueError("actor_loss: kl_loss_coef > 0 needs ref_logp")
-        kl = aggregate(kl_estimate(logp, ref_logp, config.kl_loss_type), mask, config.agg_mode, total_tokens,
-                       total_sequences)
+        kl = aggregate(kl_estimate(logp, ref_logp, config.kl_loss_type), mask, config.agg_mode, **norms)
         loss = loss + config.kl_loss_coef * kl
         metrics["kl_loss"] = kl
     metrics["actor_loss"] = loss

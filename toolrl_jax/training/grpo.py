@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import re
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -26,7 +27,8 @@ from flax import nnx
 
 from toolrl_jax.config_checks import requirement_checker
 from toolrl_jax.models.decoder import CausalLM, cast_floating
-from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.optim import (DivergenceGuard, OptimizerConfig, TrainingDivergedError, apply_gradients,
+                              make_optimizer)
 from toolrl_jax.rewards.batch import RewardBatch, score_batch
 from toolrl_jax.rewards.config import RewardConfig
 from toolrl_jax.rl.advantages import broadcast_to_tokens, grpo_advantages, kl_penalized_scores
@@ -54,7 +56,7 @@ class GRPOConfig:
     ppo_epochs: int = 1
     max_prompt_length: int = 2048
     max_response_length: int = 1024
-    total_steps: int = 105
+    total_steps: int = 104  # the original configures 105 but trains 104 (docs/fidelity.md)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -94,7 +96,15 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         need = requirement_checker("GRPOConfig")
-        need(self.prompts_per_step >= 1 and self.group_size >= 1, "prompts_per_step and group_size must be >= 1")
+        for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch_rows", "ppo_epochs",
+                     "total_steps", "max_prompt_length", "max_response_length"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("val_every", "val_samples", "log_samples"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.val_max_new_tokens is None or self.val_max_new_tokens >= 1,
+             f"val_max_new_tokens must be >= 1 or None, got {self.val_max_new_tokens}")
         need(self.prompts_per_step % self.mini_batch_prompts == 0,
              f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batch_prompts "
              f"({self.mini_batch_prompts})")
@@ -102,11 +112,8 @@ class GRPOConfig:
         need(rows % self.micro_batch_rows == 0,
              f"mini-batch rows (mini_batch_prompts * group_size = {rows}) must be a multiple of micro_batch_rows "
              f"({self.micro_batch_rows})")
-        need(self.ppo_epochs >= 1 and self.total_steps >= 1, "ppo_epochs and total_steps must be >= 1")
-        need(self.val_samples >= 0, f"val_samples must be >= 0, got {self.val_samples}")
-        need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        need(math.isfinite(self.kl_coef) and self.kl_coef >= 0, f"kl_coef must be finite and >= 0, got {self.kl_coef}")
         need(self.algorithm in ("grpo", "ppo"), f"algorithm must be 'grpo' or 'ppo', got {self.algorithm!r}")
-        need(self.max_prompt_length >= 1 and self.max_response_length >= 1, "max lengths must be >= 1")
         need(self.logits_chunk_size is None or self.logits_chunk_size >= 1,
              f"logits_chunk_size must be >= 1 or None, got {self.logits_chunk_size}")
         if self.prompt_length_buckets is not None:
@@ -117,6 +124,12 @@ class GRPOConfig:
             buckets = self.response_length_buckets
             need(all(b >= 1 for b in buckets) and list(buckets) == sorted(set(buckets)),
                  f"response_length_buckets must be strictly increasing positive ints, got {buckets}")
+        try:  # the rollout sampling settings, checked here rather than at the first rollout
+            SamplingConfig(max_new_tokens=self.max_response_length, temperature=self.temperature, top_p=self.top_p,
+                           top_k=self.top_k, num_samples=self.group_size,
+                           prompt_length_buckets=self.prompt_length_buckets)
+        except ValueError as e:
+            raise ValueError(f"GRPOConfig: {e}") from None
         if self.trainable_regex is not None:
             try:
                 re.compile(self.trainable_regex)
@@ -157,20 +170,36 @@ def _actor_micro_grads(graphdef: nnx.GraphDef, policy_config: PolicyLossConfig, 
     return micro_grads
 
 
+def update_normalizers(mask: Any, policy: PolicyLossConfig, num_micro: int,
+                       response_budget: Optional[int] = None) -> dict[str, Any]:
+    """`count_normalizers` of a whole mini-batch's response mask [rows, R] for `policy.agg_mode`: the
+    seq-mean-token-sum-norm constant (policy.norm_length, else the response budget, else R) and the verl divisor
+    (policy.accumulation_divisor, else the number of micro-batches)."""
+    norm_length = accumulation_divisor = None
+    if policy.agg_mode == "seq-mean-token-sum-norm":
+        norm_length = policy.norm_length or response_budget or mask.shape[-1]
+    if policy.agg_mode == "verl":
+        accumulation_divisor = policy.accumulation_divisor or num_micro
+    return count_normalizers(mask, norm_length=norm_length, accumulation_divisor=accumulation_divisor)
+
+
 def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
                    policy_config: PolicyLossConfig, param_shardings: Any = None, opt_shardings: Any = None,
-                   logits_chunk_size: Optional[int] = None):
+                   logits_chunk_size: Optional[int] = None, response_budget: Optional[int] = None):
     """jit(params, opt_state, frozen, minibatch) -> (params, opt_state, metrics); params/opt_state donated.
 
     One optimizer update from a mini-batch whose micro-batches share one width. params: the trainable state;
     frozen: the rest of the model's state (an empty State when everything trains), merged after params.
     minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of `join_prompt_and_response` plus old_logp,
     advantages (and ref_logp when the KL loss is on). Mini-batches of mixed widths use `make_split_update_fns`.
+    response_budget: the untrimmed response width, the seq-mean-token-sum-norm constant (`update_normalizers`).
     """
     micro_grads = _actor_micro_grads(graphdef, policy_config, logits_chunk_size)
 
     def update(params, opt_state, frozen, minibatch):
-        normalizers = count_normalizers(minibatch["response_mask"].reshape(-1, minibatch["response_mask"].shape[-1]))
+        mask = minibatch["response_mask"]
+        normalizers = update_normalizers(mask.reshape(-1, mask.shape[-1]), policy_config, mask.shape[0],
+                                         response_budget)
         grads, metrics = accumulate_gradients(lambda p, micro: micro_grads(p, frozen, micro, normalizers), params,
                                               minibatch)
         metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)  # each micro value is pre-normalised
@@ -190,7 +219,7 @@ class SplitUpdateFns(NamedTuple):
         for micro in micro_batches:   # any widths; one compile per distinct shape
             grads, metrics = accumulate(params, frozen, grads, micro, normalizers)   # grads donated
         params, opt_state, opt_metrics = apply(params, opt_state, grads)           # params, opt_state donated
-    normalizers: `count_normalizers` of the whole mini-batch's response mask (host scalars)."""
+    normalizers: `update_normalizers` of the whole mini-batch's response mask (host scalars)."""
 
     zeros: Callable
     accumulate: Callable
@@ -341,11 +370,14 @@ class GRPOTrainer:
                                  shardings_fn=shardings_fn, place_batch=place_batch)
         self.logprob_fn = make_logprob_fn(self.graphdef, config.logits_chunk_size)
         self.update_fn = make_update_fn(self.graphdef, self.optimizer, config.optimizer, config.policy,
-                                        param_shardings, opt_shardings, config.logits_chunk_size)
+                                        param_shardings, opt_shardings, config.logits_chunk_size,
+                                        config.max_response_length)
         self.split_update = make_split_update_fns(self.graphdef, self.optimizer, config.optimizer, config.policy,
                                                   param_shardings, opt_shardings, config.logits_chunk_size)
         self.place = place_batch or (lambda b: b)
         self.reward_pool = reward_pool
+        self.actor_guard = DivergenceGuard(config.optimizer.max_consecutive_skips, "policy")
+        self.critic_guard = DivergenceGuard(config.critic.optimizer.max_consecutive_skips, "critic")
         self.step = 0
 
     @property
@@ -419,7 +451,8 @@ class GRPOTrainer:
             self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, stacked)
             return metrics, cells
         fns = self.split_update
-        normalizers = jax.device_get(count_normalizers(minibatch["response_mask"]))
+        normalizers = jax.device_get(update_normalizers(minibatch["response_mask"], c.policy, len(micros),
+                                                        c.max_response_length))
         grads, micro_metrics = fns.zeros(self.params), []
         for micro in micros:
             grads, m = fns.accumulate(self.params, self.frozen, grads, self.place(micro), normalizers)
@@ -501,6 +534,11 @@ class GRPOTrainer:
                     m = {**m, **self.critic.update(trim(stacked) if trim is not None else stacked)}
                 update_metrics.append(m)
         update_metrics = jax.device_get(update_metrics)
+        for i, m in enumerate(update_metrics):  # log skipped updates; stop on divergence before anything is saved
+            where = f"GRPO step {step}, update {i + 1} of {len(update_metrics)}"
+            self.actor_guard.observe(m, where)
+            if self.critic is not None:
+                self.critic_guard.observe(m, where, prefix="critic/")
         self.sampler.update_params(self.model())
         t_train = time.perf_counter()
         self.step = step
@@ -537,8 +575,9 @@ class GRPOTrainer:
         if ref_logp is not None:
             metrics["kl/old_ref_k1"] = float((old_logp - ref_logp).sum() / max(n_tokens, 1.0))
         if not np.isfinite(metrics["actor/actor_loss"]):
-            raise FloatingPointError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
-                                     f"(grad_norm {metrics.get('actor/grad_norm')}); last good checkpoint is intact")
+            raise TrainingDivergedError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
+                                        f"(grad_norm {metrics.get('actor/grad_norm')}); the run stops and nothing "
+                                        f"from this step is saved")
         return StepResult(metrics=metrics, rewards=rewards, samples=samples)
 
     def validate(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], step: int

@@ -31,7 +31,7 @@ from flax import nnx
 from toolrl_jax.config_checks import requirement_checker
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
-from toolrl_jax.optim import SCHEDULES, OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.optim import SCHEDULES, DivergenceGuard, OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.training.sequences import map_position_chunks
 from toolrl_jax.training.sft_data import (SFTBatch, SFTBatchingConfig, SFTDataset, SFTEncoder, SFTSequence,
@@ -69,6 +69,7 @@ class SFTConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: Optional[float] = 1.0
+    max_consecutive_skips: int = 3  # updates with non-finite gradients in a row that stop the run
     epochs: Optional[int] = 3
     max_steps: Optional[int] = None
     batch_size: int = 32
@@ -134,7 +135,7 @@ class SFTConfig:
         return OptimizerConfig(learning_rate=self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
                                weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
                                schedule=self.lr_schedule, warmup_steps=max(warmup, 0), total_steps=total_steps,
-                               min_lr_ratio=self.min_lr_ratio)
+                               min_lr_ratio=self.min_lr_ratio, max_consecutive_skips=self.max_consecutive_skips)
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -345,6 +346,7 @@ class SFTTrainer:
         called for every step (one step late, so fetching metrics never stalls the device).
         """
         cfg = self.config
+        guard = DivergenceGuard(self.optimizer_config.max_consecutive_skips, "SFT")
         history: list[dict[str, Any]] = []
         pending: Optional[tuple[int, dict, dict]] = None
         last_time = time.perf_counter()
@@ -352,6 +354,7 @@ class SFTTrainer:
         def finish(step: int, device_metrics: dict, host: dict) -> None:
             nonlocal last_time
             values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            guard.observe(values, f"SFT step {step}")
             now = time.perf_counter()
             seconds, last_time = now - last_time, now
             record = {"step": step, **values, **host, "time/step_s": seconds,
