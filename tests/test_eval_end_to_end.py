@@ -45,8 +45,7 @@ class Oracle:
         self.multi_turn: list[tuple[str, list[str], list[str]]] = []  # (system, user turn texts, replies)
         for category in categories.ALL_CATEGORIES:
             for item in data.load_category(bench_dir / "bfcl_v3", category, LIMIT):
-                system = prompts.system_prompt(prompt_set.system,
-                                               data.prompt_functions(item.functions, category, hints))
+                system = prompt_set.system_prompt(data.prompt_functions(item.functions, category, hints))
                 if categories.is_multi_turn(category):
                     docs = item.functions + [doc for docs in item.missed_functions.values() for doc in docs]
                     texts = [prompt_set.bfcl_missed_function.replace("{functions}", str(item.missed_functions[i]))
@@ -97,7 +96,7 @@ def bench(shared_dir, tmp_path):
 
 def _flags(bench_dir_, corpus, out_, **extra):
     values = dict(bench_dir=str(bench_dir_), out=str(out_), limit=LIMIT, batch_size=3, search_corpus=str(corpus),
-                  benchmarks=["bfcl", "api_bank", "bamboogle"], categories=["all"])
+                  benchmarks=["bfcl", "api_bank", "bamboogle"], categories=["all"], bamboogle_protocol="offline")
     values.update(extra)
     return flagsaver.flagsaver(**values)
 
@@ -115,12 +114,14 @@ def test_oracle_scores_100_percent_everywhere_and_resumes(bench, tmp_path):
         assert all(value == 1.0 for value in summary["bfcl"]["groups"].values())
     assert summary["api_bank"]["toolrl"]["overall"] == 1.0 and summary["api_bank"]["strict"]["overall"] == 1.0
     assert summary["bamboogle"]["accuracy"] == 1.0 and summary["bamboogle"]["avg_tool_calls"] == 1.0
+    assert summary["bamboogle"]["protocol"] == "offline" and summary["bamboogle"]["comparable_to_paper"] is False
 
     # Report, per-item records and BFCL's own result files.
     assert json.loads((out / "summary.json").read_text())["api_bank"]["counts"] == {f"level{i}": LIMIT for i in (1, 2, 3)}
     table = (out / "summary.md").read_text()
     assert "| Overall | Non-Live | Non-Live AST | Live | Multi-Turn | Relevance | Irrelevance |" in table
     assert "| Level-1 | Level-2 | Level-3 | Overall |" in table and "Avg Num Tool Calls" in table
+    assert "## Bamboogle (offline protocol: NOT comparable to the paper)" in table
     for category in expected:
         rows = [json.loads(line) for line in (out / "bfcl_results" / f"BFCL_v3_{category}_result.json").open()]
         items = data.load_category(bench_dir / "bfcl_v3", category, LIMIT)

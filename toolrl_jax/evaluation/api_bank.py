@@ -11,6 +11,9 @@ Scores:
   keys is read as the parameters of a call to the gold tool.
 - ``strict``: the predicted calls (valid ``{"name","parameters"}`` lines of the last ``<tool_call>``
   block, "None" calls dropped) equal the gold calls exactly, as a multiset.
+
+Generation limits as ToolRL's ``benchmarks/API-Bank/generate.py`` (vLLM ``max_model_len=4096``, ``max_tokens=4096``):
+each prompt gets ``min(4096, 4096 - prompt)`` new tokens; the system prompt is the data's own (no final newline).
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_jax.evaluation import prompts as P
-from toolrl_jax.evaluation.generator import Generator, generate_batched
-from toolrl_jax.evaluation.parsing import json_lines, last_tool_call_block, parse_tool_calls
+from toolrl_jax.evaluation.generator import GenerationLimits, Generator, generate_batched
+from toolrl_jax.evaluation.parsing import json_lines, last_tool_call_block, parse_tool_calls, strict_correct
 from toolrl_jax.evaluation.records import RecordStore, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 LEVELS = (1, 2, 3)
+DEFAULT_LIMITS = GenerationLimits(max_new_tokens=4096, context_tokens=4096)
 
 
 def level_file(level: int) -> str:
@@ -112,16 +116,6 @@ def toolrl_correct(text: str, gold: tuple[dict, ...]) -> bool:
     return False
 
 
-def strict_correct(text: str, gold: tuple[dict, ...]) -> bool:
-    predicted = [{"name": call.name, "parameters": call.parameters} for call in parse_tool_calls(text)]
-    remaining = list(gold)
-    for call in predicted:
-        if call not in remaining:
-            return False
-        remaining.remove(call)
-    return not remaining
-
-
 def score_item(item: ApiBankItem, text: str) -> dict[str, Any]:
     return {"id": item.id, "level": item.level, "toolrl": toolrl_correct(text, item.gold),
             "strict": strict_correct(text, item.gold), "gold": list(item.gold),
@@ -144,7 +138,7 @@ def summarize(scored: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_api_bank(generator: Generator, api_bank_dir: str | Path, out_dir: str | Path, *, batch_size: int = 8,
-                      limit: int | None = None) -> dict[str, Any]:
+                      limit: int | None = None, limits: GenerationLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Generate (resuming) and score all levels; writes raw generations and scored items."""
     out_dir = Path(out_dir)
     items = load_api_bank(api_bank_dir, limit=limit)
@@ -153,10 +147,13 @@ def evaluate_api_bank(generator: Generator, api_bank_dir: str | Path, out_dir: s
     logger.info("API-Bank: %d items (%d already generated)", len(items), len(items) - len(pending))
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
-        texts = generate_batched(generator, [P.chat(item.system, item.user) for item in chunk], batch_size)
-        store.add({"id": item.id, "raw": text} for item, text in zip(chunk, texts))
-    scored = [score_item(item, store.get(item.id)["raw"]) for item in items]
+        completions = generate_batched(generator, [P.chat(item.system, item.user) for item in chunk], batch_size,
+                                       limits)
+        store.add({"id": item.id, "raw": c.text, **c.record()} for item, c in zip(chunk, completions))
+    scored = [{**score_item(item, store.get(item.id)["raw"]), "truncated": bool(store.get(item.id).get("truncated"))}
+              for item in items]
     write_jsonl(out_dir / "items" / "api_bank.jsonl", scored)
     summary = summarize(scored)
+    summary["truncated"] = sum(row["truncated"] for row in scored)
     summary["limit"] = limit
     return summary

@@ -1,13 +1,13 @@
-"""Bamboogle: two-hop questions answered with a ``Search(query)`` tool.
+"""Bamboogle: two-hop questions answered with a ``Search(query)`` tool; the data, and the offline protocol.
 
-Protocol (ToolRL): the model sees the Search tool in the ToolRL system prompt and may search for at most
-``max_rounds`` generations; only the first call of a ``<tool_call>`` block is executed and its top-5
-snippets come back as an ``<obs>`` block. A generation without a call ends the question; its
-``<response>`` is the answer. A call in the last allowed round is not executed (nothing could read it).
-Answers are judged by a pluggable ``judge(question, prediction, gold) -> bool``; the default accepts an
-exact match or a token F1 of at least ``f1_threshold`` after SQuAD normalisation (the paper used a strong
-LLM as the judge, so expect the default to be stricter). Also reported: EM, F1, cover-EM and the average
-number of executed tool calls.
+The paper's protocol (web search, LLM judge) is ``bamboogle_toolrl``. The offline protocol here needs no service
+and is NOT comparable to the paper's numbers (other prompts, a local corpus, a rule-based judge): the model sees
+the Search tool in the ToolRL system prompt and may search for at most ``max_rounds`` generations; only the first
+call of a ``<tool_call>`` block is executed and its top-5 snippets come back as an ``<obs>`` block. A generation
+without a call ends the question; its ``<response>`` is the answer. A call in the last allowed round is not
+executed (nothing could read it). Answers are judged by a pluggable ``judge(question, prediction, gold) -> bool``;
+the default accepts an exact match or a token F1 of at least ``f1_threshold`` after SQuAD normalisation. Also
+reported: EM, F1, cover-EM and the average number of executed tool calls.
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolrl_jax.evaluation import prompts as P
-from toolrl_jax.evaluation.generator import Generator, generate_batched
+from toolrl_jax.evaluation.generator import GenerationLimits, Generator, generate_batched
 from toolrl_jax.evaluation.parsing import final_answer, parse_turn
 from toolrl_jax.evaluation.records import RecordStore, write_jsonl
 from toolrl_jax.evaluation.search import SearchBackend
 
 logger = logging.getLogger(__name__)
+
+# ToolRL's Bamboogle/generate.py ran vLLM with max_model_len=4096 and max_tokens=4096.
+DEFAULT_LIMITS = GenerationLimits(max_new_tokens=4096, context_tokens=4096)
 
 Judge = Callable[[str, str, str], bool]
 
@@ -35,9 +38,10 @@ Judge = Callable[[str, str, str], bool]
 class BamboogleConfig:
     max_rounds: int = 4
     top_k: int = 5
-    f1_threshold: float = 0.5  # default judge: EM or F1 >= this
+    f1_threshold: float = 0.5  # the offline protocol's default judge: EM or F1 >= this
     batch_size: int = 8
     limit: int | None = None
+    limits: GenerationLimits = DEFAULT_LIMITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,7 @@ class _Dialogue:
     calls: list[str] = dataclasses.field(default_factory=list)  # executed calls (incl. invalid ones)
     queries: list[str] = dataclasses.field(default_factory=list)
     prediction: str | None = None
+    truncated_rounds: int = 0
 
 
 def _step(dialogue: _Dialogue, text: str, search: SearchBackend, config: BamboogleConfig) -> None:
@@ -151,7 +156,7 @@ def evaluate_bamboogle(generator: Generator, data_path: str | Path, out_dir: str
     judge = judge or default_judge(config.f1_threshold)
     items = load_bamboogle(data_path, config.limit)
     store = RecordStore(out_dir / "generations" / "bamboogle.jsonl")
-    system = P.system_prompt(prompt_set.system, [prompt_set.bamboogle_tool])
+    system = prompt_set.system_prompt([prompt_set.bamboogle_tool])
     pending = [item for item in items if item.id not in store]
     logger.info("Bamboogle: %d questions (%d already generated)", len(items), len(items) - len(pending))
     for start in range(0, len(pending), config.batch_size):
@@ -159,10 +164,12 @@ def evaluate_bamboogle(generator: Generator, data_path: str | Path, out_dir: str
                      for item in pending[start:start + config.batch_size]]
         while active := [d for d in dialogues if d.prediction is None]:
             prompts = [P.chat(system, P.render_history(d.messages, prompt_set.bamboogle)) for d in active]
-            for dialogue, text in zip(active, generate_batched(generator, prompts, config.batch_size)):
-                _step(dialogue, text, search, config)
+            for dialogue, completion in zip(active, generate_batched(generator, prompts, config.batch_size,
+                                                                     config.limits)):
+                dialogue.truncated_rounds += completion.truncated
+                _step(dialogue, completion.text, search, config)
         store.add({"id": d.item.id, "rounds": d.rounds, "calls": d.calls, "queries": d.queries,
-                   "prediction": d.prediction}
+                   "prediction": d.prediction, "truncated": d.truncated_rounds > 0}
                   for d in dialogues)
     scored = []
     for item in items:
@@ -173,16 +180,17 @@ def evaluate_bamboogle(generator: Generator, data_path: str | Path, out_dir: str
             "correct": bool(judge(item.question, prediction, item.answer)),
             "em": exact_match(prediction, item.answer), "f1": f1_score(prediction, item.answer),
             "cover_em": cover_exact_match(prediction, item.answer), "tool_calls": len(record["calls"]),
-            "queries": record["queries"],
+            "queries": record["queries"], "truncated": bool(record.get("truncated", False)),
         })
     write_jsonl(out_dir / "items" / "bamboogle.jsonl", scored)
     count = max(len(scored), 1)
     return {
+        "protocol": "offline", "comparable_to_paper": False,
         "accuracy": sum(row["correct"] for row in scored) / count,
         "em": sum(row["em"] for row in scored) / count,
         "f1": sum(row["f1"] for row in scored) / count,
         "cover_em": sum(row["cover_em"] for row in scored) / count,
         "avg_tool_calls": sum(row["tool_calls"] for row in scored) / count,
-        "total": len(scored),
+        "total": len(scored), "truncated": sum(row["truncated"] for row in scored),
         "limit": config.limit,
     }

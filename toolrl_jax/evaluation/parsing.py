@@ -124,6 +124,18 @@ def final_answer(text: str) -> str:
     return _BLOCK_TAGS_RE.sub(" ", text if isinstance(text, str) else "").strip()
 
 
+def strict_correct(text: str, gold: tuple[dict, ...] | list[dict]) -> bool:
+    """The valid, non-"None" calls of ``text``'s last block equal the gold ``{"name", "parameters"}`` calls exactly,
+    as a multiset (no call predicted for an empty gold list)."""
+    remaining = list(gold)
+    for call in parse_tool_calls(text):
+        wanted = {"name": call.name, "parameters": call.parameters}
+        if wanted not in remaining:
+            return False
+        remaining.remove(wanted)
+    return not remaining
+
+
 def calls_to_python_list(calls: list[ToolCall] | tuple[ToolCall, ...]) -> str:
     """``[f(a=1), g(b='x')]``: the string BFCL's prompting handlers decode; ``[]`` for no call."""
     return "[" + ", ".join(call.to_python() for call in calls) + "]"

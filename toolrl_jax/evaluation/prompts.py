@@ -3,8 +3,11 @@
 ToolRL puts the whole dialogue history into ONE user message (``**Dialogue Records History**`` followed by
 ``<user>``, assistant turns and ``<obs>`` blocks) under a system prompt that lists the tools as
 ``N. Name: ..`` / ``Description: ..`` / ``Parameters: <json of the parameters' properties>``.
-Template text lives in ``templates/`` (one trailing newline of a template file is ignored); the system
-template's literal ``{tools}`` is replaced by the tool list.
+Template text lives in ``templates/`` (one trailing newline of a template file is ignored, except by
+``exact_template``); the system template's literal ``{tools}`` is replaced by the tool list. At evaluation the system
+prompt ends with a newline, as the originals' ``SYS`` strings do (ToolRL ``benchmarks/BFCL/rlla_qwen.py`` and
+``benchmarks/Bamboogle/generate.py``: ``<|im_start|>system\n{SYS}<|im_end|>`` with SYS ending in "\n"); the
+training data has none and is not changed.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from toolrl_jax.datasets.format import HISTORY_HEADER
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TOOLS_PLACEHOLDER = "{tools}"
+EVAL_SYSTEM_END = "\n"  # the originals' evaluation system prompts end with a newline
 
 Message = dict[str, Any]
 
@@ -32,6 +36,11 @@ def read_template(path: str | Path) -> str:
 
 def default_template(name: str) -> str:
     return read_template(TEMPLATE_DIR / name)
+
+
+def exact_template(name: str) -> str:
+    """A packaged template's exact text, final newline included (for texts that end with one, like JUDGE_SYS)."""
+    return (TEMPLATE_DIR / name).read_text(encoding="utf-8")
 
 
 def render_tool(index: int, function: dict) -> str:
@@ -114,3 +123,7 @@ class PromptSet:
                                     default_template("bamboogle_after_observation.txt")),
             bamboogle_tool=json.loads(default_template("bamboogle_search_tool.json")),
         )
+
+    def system_prompt(self, functions: list[dict]) -> str:
+        """The evaluation system prompt for ``functions``: the template with the tool list, then a newline."""
+        return system_prompt(self.system, functions) + EVAL_SYSTEM_END

@@ -1,17 +1,28 @@
-"""Search backends for Bamboogle's ``Search(query)`` tool: ``search(query, k) -> list of snippets``.
+"""Search backends for Bamboogle's ``Search(query)`` tool.
 
+Offline protocol (``search(query, k) -> list of snippets``):
 - ``BM25Search``: offline BM25 over a local corpus file (JSONL with a text field, a JSON list, or plain
   text with one document per line).
-- ``HttpSearch``: a web-search API over HTTP. It NEEDS an API key and refuses to run without one.
+- ``HttpSearch``: a web-search API over HTTP GET. It NEEDS an API key and refuses to run without one.
+
+The paper's protocol (``search_text(query, k) -> str``, the observation text itself):
+- ``SerperSearch``: Google results through the Serper API (or anything answering like it), formatted as ToolRL's
+  ``benchmarks/Bamboogle/utils.py: search_serper`` does.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from toolrl_jax.evaluation.http_json import HttpConfig, MalformedReply, post_json
+
+logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("contents", "text", "passage", "body", "content", "snippet")
 
@@ -127,3 +138,72 @@ class HttpSearch:
             elif isinstance(result, dict) and isinstance(result.get(self.snippet_field), str):
                 snippets.append(result[self.snippet_field])
         return snippets[:k]
+
+
+# ------------------------------------------------------------------------------------- the paper's web search
+
+SERPER_ENDPOINT = "https://google.serper.dev/search"
+
+
+@runtime_checkable
+class WebSearch(Protocol):
+    def search_text(self, query: Any, k: int) -> str:
+        """The observation text for ``query`` with at most ``k`` numbered results."""
+        ...
+
+
+def format_serper(reply: dict[str, Any], k: int) -> str:
+    """Serper's answer box (if it has a title and an answer or snippet), then organic results with a title and a
+    snippet, numbered from 1, at most ``k`` in all (``utils.search_serper``'s layout; errors become text as there)."""
+    try:
+        entries = []
+        box = reply.get("answerBox", "")
+        if box and "title" in box:
+            if "answer" in box:
+                entries.append(f"{box['title']}\n- Answer: {box['answer']}")
+            elif "snippet" in box:
+                entries.append(f"{box['title']}\n- Snippet: {box['snippet']}")
+        for item in reply.get("organic", []):
+            if len(entries) >= k:
+                break
+            if "title" in item and "snippet" in item:
+                entries.append(f"{item['title']}\n- Snippet: {item['snippet']}")
+        return "\n".join(f"{rank}. {entry}" for rank, entry in enumerate(entries[:k], start=1)).strip()
+    except (TypeError, AttributeError, KeyError) as error:
+        return f"Search Error: {error}"
+
+
+def _serper_reply(reply: Any) -> dict[str, Any]:
+    if not isinstance(reply, dict) or not isinstance(reply.get("organic"), list):
+        raise MalformedReply("no 'organic' result list")
+    return reply
+
+
+class SerperSearch:
+    """``POST endpoint`` with ``{"q": query, "num": 15}`` and header ``X-API-KEY`` (as ``utils.search_serper``).
+
+    An empty organic list is asked again after ``empty_retry_delay_s`` (the original: 6 tries 5 s apart, then
+    "Search Error: Timeout"). Transport failures are retried per ``http``; when they persist, or the key is
+    refused, an ``HttpError`` stops the run (the original silently skipped the round instead).
+    """
+
+    def __init__(self, api_key: str | None, endpoint: str = SERPER_ENDPOINT, http: HttpConfig = HttpConfig(), *,
+                 num_requested: int = 15, empty_tries: int = 6, empty_retry_delay_s: float = 5.0):
+        if not api_key:
+            raise SearchKeyMissingError(f"the web search {endpoint!r} needs an API key (none given)")
+        self.endpoint, self._api_key, self.http = endpoint, api_key, http
+        self.num_requested, self.empty_tries, self.empty_retry_delay_s = num_requested, empty_tries, empty_retry_delay_s
+
+    def __repr__(self) -> str:
+        return f"SerperSearch(endpoint={self.endpoint!r})"
+
+    def search_text(self, query: Any, k: int) -> str:
+        for attempt in range(self.empty_tries):
+            if attempt:
+                time.sleep(self.empty_retry_delay_s)
+            reply = post_json(self.endpoint, {"q": query, "num": self.num_requested}, {"X-API-KEY": self._api_key},
+                              self.http, _serper_reply, secret=self._api_key)
+            if reply["organic"]:
+                return format_serper(reply, k)
+            logger.warning("web search: no organic results for %r (try %d/%d)", query, attempt + 1, self.empty_tries)
+        return "Search Error: Timeout"

@@ -178,6 +178,7 @@ class Conversation:
     call_turns: list[list[list[str]]] = dataclasses.field(default_factory=list)
     force_quit: bool = False
     finished: bool = False
+    truncated_steps: int = 0  # steps whose prompt did not fit the context (see generator.GenerationLimits)
 
     @classmethod
     def start(cls, item: BfclItem, missed_function_message: str) -> "Conversation":
