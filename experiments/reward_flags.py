@@ -1,19 +1,31 @@
-"""absl flags for the reward: `--reward_preset` plus one `--reward_<field>` override per RewardConfig field.
+"""absl flags for the reward: `--reward_preset` plus one `--reward_<field>` override per RewardConfig field, and
+the reward functions trained on: `--reward_fn` (repeatable; "toolrl" or "package.module:function") with
+`--reward_weights`.
 
 Usage in an entry point:
     from experiments import reward_flags
     ...
     config = reward_flags.reward_config_from_flags(FLAGS)
+    reward = reward_flags.combined_reward_from_flags(config, FLAGS)
 
 Overrides left unset keep the preset's value; an invalid combination raises a ValueError naming the flag.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from absl import flags
 
 from toolrl_jax.rewards.config import MATCHING_MODES, VALUE_MATCH_MODES, RewardConfig, RewardConfigError
+from toolrl_jax.rewards.functions import (
+    BUILTIN_SPEC,
+    CombinedReward,
+    RewardFunctionError,
+    RewardTerm,
+    load_reward_fn,
+    reward_fn_name,
+)
 
 FLAG_PREFIX = "reward_"
 
@@ -50,7 +62,8 @@ def define_reward_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "The paper's reward variant; the --reward_* flags below override its fields.", flag_values=flag_values,
     )
     for field in dataclasses.fields(RewardConfig):
-        name, help_text = FLAG_PREFIX + field.name, _HELP[field.name] + f" Default: the preset's (original: {field.default!r})."
+        name = FLAG_PREFIX + field.name
+        help_text = _HELP[field.name] + f" Default: the preset's (original: {field.default!r})."
         if field.type == "bool":
             flags.DEFINE_bool(name, None, help_text, flag_values=flag_values)
         elif field.type == "float":
@@ -63,6 +76,17 @@ def define_reward_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             flags.DEFINE_enum(name, None, list(VALUE_MATCH_MODES), help_text, flag_values=flag_values)
         else:
             raise TypeError(f"no flag type for RewardConfig.{field.name}: {field.type}")
+    flags.DEFINE_multi_string(
+        FLAG_PREFIX + "fn", [BUILTIN_SPEC],
+        f"A reward function to train on (repeat the flag for several): {BUILTIN_SPEC!r} = the ToolRL reward set by "
+        "--reward_preset and the overrides above, or 'package.module:function' called as fn(responses, "
+        "ground_truths, step[, examples=...]) -> N scores, a RewardOutput or {'score': ..., '<component>': ...}. "
+        "The reward is the weighted sum; each function's score and components are logged as reward/<name>/...",
+        flag_values=flag_values)
+    flags.DEFINE_list(
+        FLAG_PREFIX + "weights", None,
+        "Comma-separated weights, one per --reward_fn in order (negative = a penalty, 0 = logged only). "
+        "Default: 1.0 each.", flag_values=flag_values)
 
 
 def reward_config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RewardConfig:
@@ -83,6 +107,45 @@ def reward_config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Rew
             for f in e.fields
         ]
         raise ValueError(f"invalid reward flags {', '.join(shown)}: {e.message}") from None
+
+
+def combined_reward_from_flags(reward_config: RewardConfig,
+                               flag_values: flags.FlagValues = flags.FLAGS) -> CombinedReward:
+    """The reward functions chosen by --reward_fn / --reward_weights ("toolrl" uses `reward_config`); raises
+    ValueError naming the flag on a bad spec, a weight count mismatch, a non-finite weight or duplicate names."""
+    specs = list(flag_values[FLAG_PREFIX + "fn"].value or [])
+    if not specs:
+        raise ValueError(f"--{FLAG_PREFIX}fn: give at least one reward function ({BUILTIN_SPEC!r} or "
+                         "'package.module:function')")
+    raw_weights = flag_values[FLAG_PREFIX + "weights"].value
+    shown = f"--{FLAG_PREFIX}weights={','.join(raw_weights or [])}"
+    weights = [1.0] * len(specs)
+    if raw_weights is not None:
+        if len(raw_weights) != len(specs):
+            raise ValueError(f"{shown}: {len(raw_weights)} weights for {len(specs)} --{FLAG_PREFIX}fn "
+                             f"({', '.join(specs)}); give one weight per --{FLAG_PREFIX}fn, in order")
+        try:
+            weights = [float(w) for w in raw_weights]
+        except ValueError as e:
+            raise ValueError(f"{shown}: not a number ({e})") from None
+        bad = [w for w in weights if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"{shown}: weights must be finite, got {bad[0]}")
+        if not any(weights):
+            raise ValueError(f"{shown}: every weight is 0, so the policy gets no reward signal")
+    seen: dict[str, str] = {}
+    terms = []
+    for spec, weight in zip(specs, weights):
+        try:
+            name = reward_fn_name(spec)
+            if name in seen:
+                raise RewardFunctionError(f"{spec!r} and {seen[name]!r} are both named {name!r}; metric names must "
+                                          "be unique (wrap one under another name)")
+            seen[name] = spec
+            terms.append(RewardTerm(name, load_reward_fn(spec, reward_config), weight))
+        except RewardFunctionError as e:
+            raise ValueError(f"--{FLAG_PREFIX}fn={spec}: {e}") from e
+    return CombinedReward(terms)
 
 
 define_reward_flags()
