@@ -23,8 +23,17 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from toolrl_jax.datasets import (ConversionReport, DataFileError, MixConfig, SyntheticConfig, build_mix,
-                                 convert_file, example_stats, make_synthetic_split, write_parquet)
+from toolrl_jax.datasets import (
+    ConversionReport,
+    DataFileError,
+    MixConfig,
+    SyntheticConfig,
+    build_mix,
+    convert_file,
+    example_stats,
+    make_synthetic_split,
+    write_parquet,
+)
 from toolrl_jax.datasets.loading import BAD_ROW_POLICIES, load_examples
 from toolrl_jax.datasets.output_folder import OutputError, check_replaceable, staged_folder
 from toolrl_jax.datasets.records import bulleted

@@ -10,9 +10,10 @@ tokenized, times --response_scale (a policy that reasons longer) with log-normal
 sample, capped at the response budget. Steps draw --prompts_per_step prompts x --group_size samples in the order
 GRPO draws them (`toolrl_jax.datasets.batching.epoch_order` under --prompt_order: uniform random batches by
 default, as the original; a file smaller than --dataset_size is resampled to that many prompts, the ToolRL train
-split's 3,920 by default, so that epochs have the recipe's shape). Over --steps steps it counts, for each scheme of `toolrl_jax.training.padding_plan` (none / minibatch / micro = the trainer's
-/ aligned = not implemented, sizing a next step; FLOP formula there), the [row, column] cells and FLOPs of the
-log-prob passes (old policy + reference) and the updates (--ppo_epochs). Reported: padding fraction, FLOPs relative
+split's 3,920 by default, so that epochs have the recipe's shape). Over --steps steps it counts, for each scheme
+of `experiments.tools.padding_plan` (none / minibatch / micro = the trainer's / aligned = not implemented, sizing a
+next step; FLOP formula there), the [row, column] cells and FLOPs of the log-prob passes (old policy + reference)
+and the updates (--ppo_epochs). Reported: padding fraction, FLOPs relative
 to `none`, and the distinct shapes each scheme compiles.
 """
 from __future__ import annotations
@@ -59,12 +60,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from experiments.common import int_list_flag
+    from experiments.tools import memory_model as mm
+    from experiments.tools.padding_plan import SCHEMES, Layout, data_lengths, lay_out_step
     from toolrl_jax import assets
-    from toolrl_jax import memory_model as mm
-    from toolrl_jax.sampling.config import SamplingConfig
     from toolrl_jax.datasets.batching import epoch_order
+    from toolrl_jax.sampling.config import SamplingConfig
     from toolrl_jax.tokenization import load_tokenizer
-    from toolrl_jax.training.padding_plan import SCHEMES, Layout, data_lengths, lay_out_step
 
     if not Path(_DATA.value).exists():
         raise app.UsageError(f"--data={_DATA.value} does not exist")

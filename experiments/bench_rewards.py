@@ -15,9 +15,9 @@ import random
 
 from absl import app, flags
 
+from experiments.tools.reward_mutations import rollout_mix, synthetic_ground_truth
 from toolrl_jax.metrics import median_seconds
 from toolrl_jax.rewards import RewardConfig, make_reward_pool, parse_ground_truth, parse_response, score_batch
-from toolrl_jax.rewards.mutations import rollout_mix, synthetic_ground_truth
 from toolrl_jax.rewards.reward import format_ok
 
 _N = flags.DEFINE_integer("num_responses", 2048, "Responses per batch.")
@@ -94,9 +94,10 @@ def main(argv: list[str]) -> None:
     with make_reward_pool(_WORKERS.value) as pool:
         score_batch(responses, targets, 1, pool=pool, chunk_size=_CHUNK.value)  # start the workers
         for name, config in configs.items():
-            serial = median_seconds(lambda: score_batch(responses, targets, 1, config), _REPEATS.value)
+            serial = median_seconds(lambda config=config: score_batch(responses, targets, 1, config), _REPEATS.value)
             pooled = median_seconds(
-                lambda: score_batch(responses, targets, 1, config, pool=pool, chunk_size=_CHUNK.value), _REPEATS.value)
+                lambda config=config: score_batch(responses, targets, 1, config, pool=pool, chunk_size=_CHUNK.value),
+                _REPEATS.value)
             batch = score_batch(responses, targets, 1, config)
             results[name] = {"serial_s": serial, f"pool{_WORKERS.value}_s": pooled,
                              "mean_total": float(batch.total.mean()), "accuracy": float(batch.accuracy.mean())}

@@ -14,7 +14,7 @@ wall time of a full GRPO step (generate / score / train split).
 Every measurement runs in its own subprocess of this script (`--worker=...`), so peak-memory figures are per
 workload and JAX and PyTorch never share an allocator.
 
-train_step. Ours: `toolrl_jax.training.grpo.make_update_fn` (the trainer's jitted update for micro-batches of one
+train_step. Ours: `toolrl_jax.training.actor.make_update_fn` (the trainer's jitted update for micro-batches of one
 shape, as these uniform rows are; mixed shapes run the same gradient code once per micro-batch: teacher-forced
 response log-probs, PPO-clip loss with the entropy bonus, token-mean over the mini-batch, global-norm clip, AdamW) with
 bf16 compute and fp32 master weights by default, compiled once ahead of time and then called with donated
@@ -22,8 +22,9 @@ params/optimizer state. Rows are [prompt | response] with every token real: --se
 --response_len are response tokens scored by the loss. Variants: attention "xla" (masked einsum) or "cudnn" (fused,
 GPU only), each optionally "+remat" (full recomputation) or "+remat_dots" (projection outputs kept). PyTorch:
 `Qwen2ForCausalLM` from the same config with random weights, the same loss on the same tokens (log-softmax gathered
-at the targets, PPO-clip ratio against old log-probs, entropy bonus, token mean), clip 1.0 and AdamW; precision "bf16" (bf16 weights and AdamW state, the spec's baseline) or "amp"
-(fp32 weights, bf16 autocast: the same numerics as ours).
+at the targets, PPO-clip ratio against old log-probs, entropy bonus, token mean), clip 1.0 and AdamW; precision
+"bf16" (bf16 weights and AdamW state, the spec's baseline) or "amp" (fp32 weights, bf16 autocast: the same numerics
+as ours).
 
 Reported per run: median step time over --steps timed steps after --warmup_steps (compilation excluded and reported
 separately), tokens/s = batch * seq_len / step time, MFU = 6 * N * tokens/s / (--peak_flops * devices) with
@@ -250,11 +251,12 @@ def _worker_jax(model_name: str, variant: str) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from toolrl_jax import memory_model
+    from experiments.tools import memory_model
     from toolrl_jax.models.hf_io import load_hf_model
     from toolrl_jax.optim import OptimizerConfig, make_optimizer
     from toolrl_jax.rl.ppo import PolicyLossConfig
-    from toolrl_jax.training.grpo import make_update_fn, stack_minibatches
+    from toolrl_jax.training.actor import make_update_fn
+    from toolrl_jax.training.layout import stack_minibatches
 
     overrides = parse_variant(variant)
     attention, remat = overrides["attention_impl"], overrides["remat"]
@@ -444,7 +446,7 @@ def _worker_full(model_name: str, variant: str) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from toolrl_jax import memory_model
+    from experiments.tools import memory_model
     from toolrl_jax.datasets.synthetic import make_synthetic_split
     from toolrl_jax.models.decoder import CausalLM
     from toolrl_jax.optim import OptimizerConfig

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 from absl import app, flags
 
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.config import PRESETS, ModelConfig
-from toolrl_jax.optim import OptimizerConfig
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("toolrl_jax.experiments")
@@ -43,18 +41,6 @@ def define_common_flags() -> None:
                       "the model loads): error = stop, naming file and row; skip = leave them out, counted and "
                       "listed in the log.")
     flags.DEFINE_integer("max_prompt_length", 2048, "Prompts are left-truncated to this many tokens.")
-    flags.DEFINE_float("lr", 1e-6, "Peak learning rate.")
-    flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear", "cosine"], "Learning-rate schedule.")
-    flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up optimizer updates.")
-    flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
-    flags.DEFINE_float("adam_b1", 0.9, "AdamW beta1.")
-    flags.DEFINE_float("adam_b2", 0.999, "AdamW beta2.")
-    flags.DEFINE_enum("adam_mu_dtype", None, ["float32", "bfloat16"],
-                      "AdamW first-moment dtype (default: the parameter dtype); bfloat16 saves 2 bytes per parameter.")
-    flags.DEFINE_float("max_grad_norm", 1.0, "Global gradient-norm clip (<= 0 disables).")
-    flags.DEFINE_integer("max_consecutive_skipped_updates", 3,
-                         "Updates with a non-finite gradient are skipped and logged; this many in a row stop the run "
-                         "(a diverged model), before anything of that step is saved.")
     flags.DEFINE_integer("mesh_data", 1, "Data-parallel mesh axis size (-1 = all remaining devices).")
     flags.DEFINE_integer("mesh_fsdp", -1, "FSDP mesh axis size (-1 = all remaining devices).")
     flags.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel mesh axis size.")
@@ -98,16 +84,6 @@ def validate_common_flags() -> None:
         raise app.UsageError(f"--max_prompt_length must be >= 1, got {FLAGS.max_prompt_length}")
     if FLAGS.save_every < 1 or FLAGS.keep_checkpoints < 1:
         raise app.UsageError("--save_every and --keep_checkpoints must be >= 1")
-    for name in ("lr", "weight_decay", "adam_b1", "adam_b2", "max_grad_norm"):
-        if not math.isfinite(getattr(FLAGS, name)):
-            raise app.UsageError(f"--{name} must be a finite number, got {getattr(FLAGS, name)}")
-    if FLAGS.lr < 0:
-        raise app.UsageError(f"--lr must be >= 0, got {FLAGS.lr}")
-    if FLAGS.warmup_steps < 0 or FLAGS.weight_decay < 0:
-        raise app.UsageError("--warmup_steps and --weight_decay must be >= 0")
-    if FLAGS.max_consecutive_skipped_updates < 1:
-        raise app.UsageError(f"--max_consecutive_skipped_updates must be >= 1, got "
-                             f"{FLAGS.max_consecutive_skipped_updates}")
     for name in ("synthetic_train_size", "synthetic_val_size"):
         if getattr(FLAGS, name) < 0:
             raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
@@ -121,15 +97,19 @@ def validate_common_flags() -> None:
         raise app.UsageError("--attention_impl=cudnn needs a GPU backend")
 
 
-def optimizer_config_from_flags(total_updates: Optional[int]) -> OptimizerConfig:
+def run_config_from_flags():
+    """The `RunConfig` of --run_dir/--save_every/--keep_checkpoints/--resume/--resume_allow/--export_*, with the flags
+    as the launch file; a run_dir that holds checkpoints without --resume stops here, before anything loads."""
+    from toolrl_jax.training.runs import RunConfig
+
     try:
-        return OptimizerConfig(
-            learning_rate=FLAGS.lr, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, weight_decay=FLAGS.weight_decay,
-            max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None, schedule=FLAGS.lr_schedule,
-            warmup_steps=FLAGS.warmup_steps, total_steps=total_updates, mu_dtype=FLAGS.adam_mu_dtype,
-            max_consecutive_skips=FLAGS.max_consecutive_skipped_updates)
-    except ValueError as e:
-        raise app.UsageError(f"invalid optimizer flags (--lr/--lr_schedule/--warmup_steps/...): {e}") from None
+        run = RunConfig(run_dir=FLAGS.run_dir, save_every=FLAGS.save_every, keep_checkpoints=FLAGS.keep_checkpoints,
+                        resume=FLAGS.resume, resume_allow=tuple(FLAGS.resume_allow), export_dir=FLAGS.export_dir,
+                        export_dtype=FLAGS.export_dtype, launch_files={"flags.txt": FLAGS.flags_into_string()})
+        run.resuming()
+    except (ValueError, FileExistsError) as e:
+        raise app.UsageError(f"{e} (--run_dir, --resume)") from None
+    return run
 
 
 def int_list_flag(name: str) -> Optional[tuple[int, ...]]:
@@ -156,36 +136,25 @@ def enable_compilation_cache(cache_dir: Optional[str], min_compile_secs: float =
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def make_mesh_and_placement() -> tuple[Any, Callable[[dict], dict], Optional[Callable]]:
-    """(mesh or None, batch placement fn, param sharding fn for the loader) from the mesh flags.
+def make_placement():
+    """The `Placement` the mesh flags describe: one device gets no mesh (plain jit); several devices a
+    (data, fsdp, tensor) mesh with the default partition rules. Also starts the multi-host runtime (--distributed)
+    and the compilation cache (--compilation_cache_dir) first, since this is the entry points' first JAX step."""
+    from toolrl_jax.placement import Placement
+    from toolrl_jax.sharding import MeshConfig
 
-    A single device gets no mesh (plain jit); several devices get a (data, fsdp, tensor) mesh with the default
-    partition rules and batches split over (data, fsdp). Also enables the compilation cache (--compilation_cache_dir)
-    first, since this is the entry points' first step.
-    """
     enable_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.compilation_cache_min_compile_secs)
     if FLAGS.distributed:
         from toolrl_jax.sharding import initialize_distributed
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if jax.device_count() == 1:
-        return None, (lambda b: b), None
-    from jax.sharding import NamedSharding
-
-    from toolrl_jax.sharding import DEFAULT_RULES, MeshConfig, host_local_batch_to_global, make_mesh, partition_spec
     try:
-        mesh = make_mesh(MeshConfig(data=FLAGS.mesh_data, fsdp=FLAGS.mesh_fsdp, tensor=FLAGS.mesh_tensor))
+        placement = Placement.from_config(MeshConfig(data=FLAGS.mesh_data, fsdp=FLAGS.mesh_fsdp,
+                                                     tensor=FLAGS.mesh_tensor))
     except ValueError as e:
         raise app.UsageError(f"invalid --mesh_data/--mesh_fsdp/--mesh_tensor: {e}") from None
-    sizes = dict(mesh.shape)
-
-    def place(batch: dict) -> dict:
-        return host_local_batch_to_global(batch, mesh)
-
-    def param_sharding(path, shape):
-        return NamedSharding(mesh, partition_spec("/".join(str(p) for p in path), shape, sizes, DEFAULT_RULES))
-
-    log.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
-    return mesh, place, param_sharding
+    if placement.mesh is not None:
+        log.info("mesh %s over %d devices", dict(placement.mesh.shape), jax.device_count())
+    return placement
 
 
 def locate_model() -> tuple[ModelConfig, Path]:
@@ -207,8 +176,9 @@ def locate_model() -> tuple[ModelConfig, Path]:
                              f"({e})") from None
 
 
-def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
-    """(ModelConfig, CausalLM, tokenizer, folder) from --model/--tokenizer and the dtype flags."""
+def load_model_and_tokenizer(placement=None):
+    """(ModelConfig, CausalLM, tokenizer, folder) from --model/--tokenizer and the dtype flags; parameters are placed
+    by `placement` as they are read (None: the default device)."""
     from flax import nnx
 
     from toolrl_jax.models.decoder import CausalLM
@@ -219,7 +189,8 @@ def load_model_and_tokenizer(param_sharding: Optional[Callable] = None):
     if FLAGS.model.startswith("preset:"):
         model = CausalLM(config, rngs=nnx.Rngs(FLAGS.seed))
     else:
-        config, model = load_hf_model(folder, shardings=param_sharding, dtype=config.dtype,
+        shardings = None if placement is None else placement.loader_shardings()
+        config, model = load_hf_model(folder, shardings=shardings, dtype=config.dtype,
                                       param_dtype=config.param_dtype, remat=config.remat,
                                       remat_policy=config.remat_policy, attention_impl=config.attention_impl)
     tokenizer = load_tokenizer(FLAGS.tokenizer or folder)
@@ -264,30 +235,6 @@ def load_split(check_train: bool = True) -> tuple[list[ToolRLExample], list[Tool
     if not train:
         raise app.UsageError(f"--data={FLAGS.data} holds no examples")
     return train, val
-
-
-def record_or_check_identity(run_dir: Path, resuming: bool, model: Any, tokenizer: Any, model_folder: Path,
-                             shapes: dict, run: dict) -> None:
-    """Records what a new run starts from (`toolrl_jax.run_identity`), or checks a resume against it (stopping
-    with the differences unless --resume_allow names them). Files of earlier launches are kept."""
-    from flax import nnx
-
-    from toolrl_jax import run_identity
-
-    identity = run_identity.RunIdentity(
-        weights={"model": str(model_folder), "checksum": run_identity.weights_checksum(nnx.state(model))},
-        tokenizer=run_identity.tokenizer_fingerprint(tokenizer), shapes=shapes, run=run)
-    if resuming:
-        try:
-            allowed = run_identity.check_resume(run_dir, identity, FLAGS.resume_allow)
-        except run_identity.ResumeMismatchError as e:
-            raise app.UsageError(str(e)) from None
-        for difference in allowed:
-            log.warning("resuming with a change allowed by --resume_allow: %s", difference)
-        if not allowed and (run_dir / run_identity.IDENTITY_FILE).is_file():
-            return
-    if jax.process_index() == 0:
-        run_identity.record(run_dir, identity)
 
 
 def model_shape_settings(model_config: ModelConfig) -> dict:

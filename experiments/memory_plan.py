@@ -5,9 +5,10 @@ r"""Memory plan for GRPO: bytes per parameter and per token, per-device peak by 
         --micro_batch_rows=2 --rollout_prompts=16
     python -m experiments.memory_plan --model=/path/to/hf_folder --devices=4 --mesh=1,4,1   # one given mesh
 
---model takes a preset (see toolrl_jax.models.config.PRESETS plus qwen2.5-14b/32b from toolrl_jax.memory_model) or
-a Hugging Face folder with config.json. The figures are estimates (docs/memory.md says what they count and how they
-were checked); the peak counts the largest of the three phases of a GRPO step on top of the persistent state.
+--model takes a preset (see toolrl_jax.models.config.PRESETS plus qwen2.5-14b/32b from
+experiments.tools.memory_model) or a Hugging Face folder with config.json. The figures are estimates (docs/memory.md
+says what they count and how they were checked); the peak counts the largest of the three phases of a GRPO step on
+top of the persistent state.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from toolrl_jax import memory_model as mm
+from experiments.tools import memory_model as mm
 
 _MODEL = flags.DEFINE_string("model", "preset:qwen2.5-1.5b", "preset:NAME, NAME, or a Hugging Face model folder.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of accelerators.")

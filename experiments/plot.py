@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from toolrl_jax import plotting
+from experiments.tools import plotting
 
 FLAGS = flags.FLAGS
 

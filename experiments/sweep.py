@@ -10,8 +10,8 @@ r"""Sweeps of GRPO runs: a base flagfile plus a grid/list of overrides (JSON spe
   python -m experiments.sweep --spec=... --action=slurm --slurm_nodes=4 --slurm_gpus_per_node=8 --output=job.sh
 
 Runs live in <sweep_dir>/<run name>/ (run.flags, checkpoints, metrics.jsonl); names come from the spec (see
-toolrl_jax/sweeps.py), so re-running the same command continues the same runs. A run whose flags changed is refused
-unless --force_new (which gives it a new name). --set overrides apply to every run without changing its name.
+experiments/tools/sweeps.py), so re-running the same command continues the same runs. A run whose flags changed is
+refused unless --force_new (which gives it a new name). --set overrides apply to every run without changing its name.
 Run from the repository root. Plots and the summary table: python -m experiments.plot --sweep_dir=<sweep_dir>.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from toolrl_jax import sweeps
+from experiments.tools import sweeps
 
 FLAGS = flags.FLAGS
 

@@ -21,15 +21,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer  # noqa: E402
-from toolrl_jax.sharding import (  # noqa: E402
-    DEFAULT_RULES,
-    MeshConfig,
-    batch_sharding,
-    host_local_batch_to_global,
-    make_mesh,
-    param_shardings,
-    shard_params,
-)
+from toolrl_jax.placement import Placement  # noqa: E402
+from toolrl_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh  # noqa: E402
 
 V, H, F, NH, NKV, D = 16, 8, 12, 2, 1, 4
 RULES = ((r"odd/kernel$", P("fsdp", "tensor")),) + DEFAULT_RULES  # [H, 3]: 3 is not divisible by tensor=2
@@ -109,18 +102,19 @@ def main():
     out["t_single"] = time.perf_counter() - T0
 
     # sharded: 2 data x 2 fsdp x 2 tensor
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    placement = Placement(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), RULES)
+    mesh = placement.mesh
     out["mesh_shape"] = dict(mesh.shape)
-    p_sh = param_shardings(params0, mesh, RULES)
-    o_sh = param_shardings(jax.eval_shape(opt.init, params0), mesh, RULES)
+    p_sh = placement.state_shardings(params0)
+    o_sh = placement.state_shardings(jax.eval_shape(opt.init, params0))
     rep = NamedSharding(mesh, P())
-    sharded = jax.jit(train_step, in_shardings=(p_sh, o_sh, batch_sharding(mesh)),
+    sharded = jax.jit(train_step, in_shardings=(p_sh, o_sh, placement.row_sharding(2)),
                       out_shardings=(p_sh, o_sh, rep, rep))
-    p = shard_params(params0, mesh, RULES)
+    p = placement.place_state(params0)
     s = jax.device_put(opt.init(params0), o_sh)
     losses = []
     for batch in batches:
-        p, s, loss, _ = sharded(p, s, host_local_batch_to_global(batch, mesh))
+        p, s, loss, _ = sharded(p, s, placement.place_rows(batch))
         losses.append(float(loss))
     out["t_sharded"] = time.perf_counter() - T0
     out["ref_losses"], out["losses"] = ref_losses, losses
@@ -146,20 +140,20 @@ def main():
     import tempfile
 
     from toolrl_jax.checkpointing import Checkpointer
-    from toolrl_jax.sharding import abstract_with_shardings
 
     train_state = {"params": p, "opt_state": s}
     shardings = {"params": p_sh, "opt_state": o_sh}
     with tempfile.TemporaryDirectory() as tmp, Checkpointer(tmp) as ckpt:
         ckpt.save(3, train_state, force=True)
         ckpt.wait_until_finished()
-        abstract = abstract_with_shardings(jax.eval_shape(lambda: train_state), shardings)
+        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                jax.eval_shape(lambda: train_state), shardings)
         restored = ckpt.restore(abstract).state
     out["restore_exact"] = all(bool(jnp.array_equal(a, b)) for a, b in
                                zip(jax.tree.leaves(restored), jax.tree.leaves(train_state)))
     out["restore_shardings_match"] = all(a.sharding == b for a, b in
                                          zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
-    g = host_local_batch_to_global({"x": np.arange(24).reshape(8, 3)}, mesh)["x"]
+    g = placement.place_rows({"x": np.arange(24).reshape(8, 3)})["x"]
     out["global_batch_equal"] = bool(np.array_equal(np.asarray(g), np.arange(24).reshape(8, 3)))
     out["global_batch_shard_shape"] = list(g.addressable_shards[0].data.shape)
     print("RESULT " + json.dumps(out))

@@ -1,4 +1,4 @@
-"""toolrl_jax.training.padding_plan and experiments/bench_padding.py: cells and FLOPs of each padding scheme by hand
+"""experiments.tools.padding_plan and experiments/bench_padding.py: cells and FLOPs of each padding scheme by hand
 on four rows, and a run on the real ToolRL SFT data."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolrl_jax.training.padding_plan import Layout, lay_out_step
+from experiments.tools.padding_plan import Layout, lay_out_step
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.sampling.config import SamplingConfig
 

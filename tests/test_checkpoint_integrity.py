@@ -24,8 +24,8 @@ from toolrl_jax.checkpointing import (
     CheckpointConfig,
     Checkpointer,
     CheckpointRejectedError,
-    NoRestorableCheckpointError,
     NonFiniteStateError,
+    NoRestorableCheckpointError,
     find_nonfinite,
     verify_manifest,
 )
@@ -338,7 +338,7 @@ def _run_two_processes(directory: Path, phase: str) -> list[str]:
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(i), address, str(directory), phase],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return [out.strip().splitlines()[-1] for out, _ in outs]
 

@@ -145,7 +145,7 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
     state, _ = _train_state()
     with Checkpointer(tmp_path) as ckpt:
         for step in (1, 2):
-            ckpt.save(step, jax.tree.map(lambda x: x + step, state), force=True)
+            ckpt.save(step, jax.tree.map(lambda x, step=step: x + step, state), force=True)
         ckpt.wait_until_finished()
     # step 3: killed before orbax's rename (temporary directory); step 4: finalized marker missing;
     # step 5: finalized but its array data is gone (e.g. disk trouble).

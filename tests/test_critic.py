@@ -14,7 +14,7 @@ from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.sharding import path_to_str
-from toolrl_jax.training.critic import (Critic, CriticConfig, critic_objective, ppo_advantages)
+from toolrl_jax.training.critic import Critic, CriticConfig, critic_objective, ppo_advantages
 from toolrl_jax.training.sequences import join_prompt_and_response
 
 NAN = np.nan

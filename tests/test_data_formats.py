@@ -16,13 +16,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from toolrl_jax.datasets import (DataFileError, MixConfig, ToolRLExample, build_mix, read_examples, read_json,
-                                 read_parquet, write_parquet, write_sft_json)
-from toolrl_jax.datasets.format import (THINK_CALL, THINK_RESPOND, ToolSpec, format_assistant_turn,
-                                        parse_tool_blocks, render_system_prompt)
+from toolrl_jax.datasets import (
+    DataFileError,
+    MixConfig,
+    ToolRLExample,
+    build_mix,
+    read_examples,
+    read_json,
+    read_parquet,
+    write_parquet,
+    write_sft_json,
+)
+from toolrl_jax.datasets.format import (
+    THINK_CALL,
+    THINK_RESPOND,
+    ToolSpec,
+    format_assistant_turn,
+    parse_tool_blocks,
+    render_system_prompt,
+)
 from toolrl_jax.datasets.io import PARQUET_SCHEMA, examples_to_table
-from toolrl_jax.datasets.sources import (NO_TOOL_RESPONSE, ConversionReport, convert_file, convert_hammer,
-                                         convert_toolace, convert_xlam)
+from toolrl_jax.datasets.sources import (
+    NO_TOOL_RESPONSE,
+    ConversionReport,
+    convert_file,
+    convert_hammer,
+    convert_toolace,
+    convert_xlam,
+)
 from toolrl_jax.rewards.parsing import parse_ground_truth
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,12 +10,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tests.test_data_formats import assert_well_formed, gt_calls
 from toolrl_jax.datasets import SyntheticConfig, make_synthetic_split
 from toolrl_jax.datasets.format import SYSTEM_FOOTER, SYSTEM_HEADER, parse_tool_blocks
-from toolrl_jax.datasets.synthetic import (CASES, COMPACT_FOOTER, COMPACT_HEADER, TOOLS, UNAVAILABLE_REPLY,
-                                           sample_example)
-
-from tests.test_data_formats import assert_well_formed, gt_calls
+from toolrl_jax.datasets.synthetic import (
+    CASES,
+    COMPACT_FOOTER,
+    COMPACT_HEADER,
+    TOOLS,
+    UNAVAILABLE_REPLY,
+    sample_example,
+)
 
 
 @pytest.fixture(scope="module")

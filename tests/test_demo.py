@@ -1,4 +1,5 @@
-"""toolrl_jax.chat_demo / experiments.demo: the README's first command (greedy tool-calling chat) on the embedded SmolLM2."""
+"""toolrl_jax.chat_demo / experiments.demo: the README's first command (greedy tool-calling chat) on the embedded
+SmolLM2."""
 from __future__ import annotations
 
 import subprocess

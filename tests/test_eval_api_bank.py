@@ -16,7 +16,8 @@ def _turn(*calls, think="<think> ok </think>\n"):
 
 
 @pytest.mark.parametrize("written", [
-    GOLD[0], [GOLD[0]], json.dumps(GOLD[0]), json.dumps([GOLD[0]]), "<tool_call>\n" + json.dumps(GOLD[0]) + "\n</tool_call>",
+    GOLD[0], [GOLD[0]], json.dumps(GOLD[0]), json.dumps([GOLD[0]]),
+    "<tool_call>\n" + json.dumps(GOLD[0]) + "\n</tool_call>",
     {"name": GOLD[0]["name"], "arguments": GOLD[0]["parameters"]},
 ])
 def test_gold_answers_parse_in_every_form(written):

@@ -34,7 +34,8 @@ def test_gold_answers_score_100_percent(shared_dir):
 
 
 @pytest.mark.parametrize("suffix, content", [
-    (".jsonl", '{"title": "Citibank", "text": "Citibank was founded in 1812."}\n{"contents": "Madison was president in 1812."}\n"Paris is in France."\n'),
+    (".jsonl", '{"title": "Citibank", "text": "Citibank was founded in 1812."}\n'
+               '{"contents": "Madison was president in 1812."}\n"Paris is in France."\n'),
     (".json", json.dumps(["Citibank was founded in 1812.", {"text": "Madison was president in 1812."},
                           "Paris is in France."])),
     (".txt", "Citibank was founded in 1812.\n\nMadison was president in 1812.\nParis is in France.\n"),

@@ -16,7 +16,8 @@ from absl.testing import flagsaver
 
 from experiments import evaluate
 from toolrl_jax.datasets import format as data_format
-from toolrl_jax.evaluation import bamboogle, bamboogle_toolrl as bt, prompts
+from toolrl_jax.evaluation import bamboogle, prompts
+from toolrl_jax.evaluation import bamboogle_toolrl as bt
 from toolrl_jax.evaluation.generator import FunctionGenerator
 from toolrl_jax.evaluation.http_json import HttpAuthError, HttpConfig, RetriesExhausted
 from toolrl_jax.evaluation.judge import JudgeKeyMissingError, LlmJudge, parse_reply

@@ -9,7 +9,8 @@ from absl import app, flags
 from absl.testing import flagsaver
 
 from experiments import evaluate
-from toolrl_jax.datasets import format as data_format, sources
+from toolrl_jax.datasets import format as data_format
+from toolrl_jax.datasets import sources
 from toolrl_jax.datasets.io import write_parquet, write_sft_json
 from toolrl_jax.evaluation import heldout
 from toolrl_jax.evaluation.generator import FunctionGenerator

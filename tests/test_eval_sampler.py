@@ -13,8 +13,14 @@ import pytest
 from flax import nnx
 
 from toolrl_jax import assets
-from toolrl_jax.evaluation import (EvalConfig, GenerationLimits, PromptTooLongError, SamplerGenerator,
-                                   SamplerGeneratorConfig, run_evaluation)
+from toolrl_jax.evaluation import (
+    EvalConfig,
+    GenerationLimits,
+    PromptTooLongError,
+    SamplerGenerator,
+    SamplerGeneratorConfig,
+    run_evaluation,
+)
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.tokenization import encode_chat, load_tokenizer

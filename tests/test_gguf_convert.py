@@ -2,7 +2,6 @@
 (loaded by transformers and by our JAX decoder; tokenizer checked against an independent BPE over the GGUF vocab)."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -43,13 +42,21 @@ def smollm2_torch(smollm2_dir):
 # Rotary permutation.
 # ----------------------------------------------------------------------------------------------------------------
 
+def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF (rotate-half) row order -> llama.cpp (interleaved) row order, as llama.cpp's converter does (the GGUF
+    fixtures are written with it): within each head of size D, HF row `s * D/2 + j` (s in {0, 1}) moves to row
+    `2 * j + s`. `gguf_convert.unpermute_rotary_rows` is its inverse."""
+    head_dim = weight.shape[0] // num_heads
+    return (weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
 @pytest.mark.parametrize("num_heads,head_dim,cols", [(1, 2, 1), (4, 8, 3), (9, 64, 5), (3, 64, 2)])
 def test_unpermute_inverts_permute(num_heads, head_dim, cols):
     w = np.random.default_rng(0).normal(size=(num_heads * head_dim, cols)).astype(np.float32)
-    permuted = gguf_convert.permute_rotary_rows(w, num_heads)
+    permuted = permute_rotary_rows(w, num_heads)
     np.testing.assert_array_equal(gguf_convert.unpermute_rotary_rows(permuted, num_heads), w)
-    np.testing.assert_array_equal(gguf_convert.permute_rotary_rows(gguf_convert.unpermute_rotary_rows(w, num_heads),
-                                                                   num_heads), w)
+    np.testing.assert_array_equal(permute_rotary_rows(gguf_convert.unpermute_rotary_rows(w, num_heads), num_heads), w)
     if head_dim > 2:
         assert not np.array_equal(permuted, w)
     # Row r = h*D + s*D/2 + j of the HF layout lands on row h*D + 2j + s.
@@ -89,8 +96,8 @@ def test_permutation_maps_rotate_half_rope_to_interleaved_rope():
     pos_q, pos_k, theta = 7.0, 3.0, 10000.0
     q_hf = _rope_rotate_half((wq @ h).reshape(heads, d), pos_q, theta)
     k_hf = _rope_rotate_half((wk @ h).reshape(kv_heads, d), pos_k, theta)
-    q_cpp = _rope_interleaved((gguf_convert.permute_rotary_rows(wq, heads) @ h).reshape(heads, d), pos_q, theta)
-    k_cpp = _rope_interleaved((gguf_convert.permute_rotary_rows(wk, kv_heads) @ h).reshape(kv_heads, d), pos_k, theta)
+    q_cpp = _rope_interleaved((permute_rotary_rows(wq, heads) @ h).reshape(heads, d), pos_q, theta)
+    k_cpp = _rope_interleaved((permute_rotary_rows(wk, kv_heads) @ h).reshape(kv_heads, d), pos_k, theta)
     group = heads // kv_heads
     scores_hf = np.einsum("hd,hd->h", q_hf, np.repeat(k_hf, group, axis=0))
     scores_cpp = np.einsum("hd,hd->h", q_cpp, np.repeat(k_cpp, group, axis=0))
@@ -144,9 +151,9 @@ def _write_synthetic_gguf(path: Path, model, cfg) -> None:
         writer.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         writer.add_tensor(f"blk.{i}.attn_q.weight",
-                          gguf_convert.permute_rotary_rows(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+                          permute_rotary_rows(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
         writer.add_tensor(f"blk.{i}.attn_k.weight",
-                          gguf_convert.permute_rotary_rows(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+                          permute_rotary_rows(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
         writer.add_tensor(f"blk.{i}.attn_v.weight", gguf.quants.quantize(sd[p + "self_attn.v_proj.weight"],
                                                                          gguf.GGMLQuantizationType.Q8_0),
                           raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -276,7 +283,7 @@ def test_smollm2_rotary_unpermute_is_needed_on_the_real_model(smollm2_dir, smoll
             for i in range(30):
                 for proj, heads in (("q_proj", 9), ("k_proj", 3)):
                     w = getattr(smollm2_torch.model.layers[i].self_attn, proj).weight
-                    w.copy_(torch.from_numpy(gguf_convert.permute_rotary_rows(w.numpy(), heads)))
+                    w.copy_(torch.from_numpy(permute_rotary_rows(w.numpy(), heads)))
         bad = _answer_nll(smollm2_torch, prompt, answer)
     finally:
         smollm2_torch.load_state_dict(state)
@@ -364,7 +371,8 @@ def test_smollm2_render_chat(smollm2_dir):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
     text = render_chat(tok, messages)
     assert text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     assert render_chat(tok, messages[1:], add_generation_prompt=False) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nHi!<|im_end|>\n")

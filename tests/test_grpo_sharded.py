@@ -17,13 +17,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import functools, sys
+    import sys
     import jax, numpy as np
     from flax import nnx
     from toolrl_jax.datasets.synthetic import make_synthetic_split
     from toolrl_jax.models.hf_io import load_hf_model
     from toolrl_jax.optim import OptimizerConfig
-    from toolrl_jax.sharding import MeshConfig, host_local_batch_to_global, make_mesh, param_shardings, shard_params
+    from toolrl_jax.placement import Placement
+    from toolrl_jax.sharding import MeshConfig
     from toolrl_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
     from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
 
@@ -34,16 +35,15 @@ SCRIPT = textwrap.dedent("""
     prompts = [encode_chat(tok, e.prompt_messages)[-96:] for e in train]
     prompts = [prompts[0][-12:], prompts[1], prompts[2][-20:], prompts[3]]  # mixed widths in each mini-batch
     truths = [e.ground_truth for e in train]
-    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
+    placement = Placement.from_config(MeshConfig(data=1, fsdp=2, tensor=2))
 
     def step(sharded, **overrides):
         _, model = load_hf_model(folder, dtype="float32")
         kwargs = {}
         if sharded:
             graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, shard_params(state, mesh))
-            kwargs = dict(mesh=mesh, shardings_fn=functools.partial(param_shardings, mesh=mesh),
-                          place_batch=lambda b: host_local_batch_to_global(b, mesh))
+            model = nnx.merge(graphdef, placement.place_state(state))
+            kwargs = dict(placement=placement)
         fields = dict(prompts_per_step=4, group_size=2, mini_batch_prompts=2, max_prompt_length=96,
                       max_response_length=6, kl_coef=0.001, val_every=0, response_length_buckets=(2, 4, 6),
                       # eps=1: Adam's first step is proportional to the gradient, so rounding cannot flip the sign

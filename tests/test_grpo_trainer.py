@@ -9,7 +9,8 @@ from toolrl_jax.datasets.synthetic import make_synthetic_split
 from toolrl_jax.models.hf_io import load_hf_model
 from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
-from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, stack_minibatches
+from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
+from toolrl_jax.training.layout import stack_minibatches
 from toolrl_jax.training.sequences import join_prompt_and_response
 
 
@@ -141,7 +142,7 @@ def test_grpo_raises_a_learnable_reward(tiny_chat_model_dir):
     """The update moves the policy towards higher reward: sampling from the top 2 tokens with reward = the fraction
     of even token ids in the response (about 1/2 at first), a few steps on fixed prompts raise it towards 1. A sign
     or alignment error in log-probs, advantages or the loss would make it fall or stay flat."""
-    from toolrl_jax.rewards.batch import RewardBatch
+    from toolrl_jax.rewards.functions import RewardOutput, RewardResult
 
     trainer, prompts, truths = _trainer(tiny_chat_model_dir, prompts_per_step=4, group_size=8, mini_batch_prompts=4,
                                         micro_batch_rows=8, max_response_length=6, kl_coef=0.0, top_k=2,
@@ -152,8 +153,8 @@ def test_grpo_raises_a_learnable_reward(tiny_chat_model_dir):
         mask = samples.response_mask.astype(bool)
         even = ((samples.response_ids % 2 == 0) & mask).sum(1) / np.maximum(mask.sum(1), 1)
         zeros = np.zeros_like(even, dtype=np.float64)
-        return RewardBatch(total=even.astype(np.float64), format=zeros, correctness=zeros, length=zeros,
-                           accuracy=zeros)
+        return RewardResult(total=even.astype(np.float64), components={"format": zeros, "correctness": zeros},
+                            outputs={"even": RewardOutput(even.astype(np.float64))}, weights={"even": 1.0})
 
     trainer.score = even_fraction
     rewards = [trainer.train_step(prompts, truths, jax.random.key(s)).metrics["reward/total"] for s in range(5)]

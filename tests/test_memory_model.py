@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from toolrl_jax import memory_model as mm
+from experiments.tools import memory_model as mm
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.sharding import path_to_str
@@ -120,7 +120,7 @@ def test_compiled_update_step_temporaries_are_within_the_stated_band(shape):
     autodiff residuals before XLA fuses some of them away (docs/memory.md)."""
     from toolrl_jax.optim import OptimizerConfig, make_optimizer
     from toolrl_jax.rl.ppo import PolicyLossConfig
-    from toolrl_jax.training.grpo import make_update_fn
+    from toolrl_jax.training.actor import make_update_fn
     from toolrl_jax.training.sequences import join_prompt_and_response
 
     rows, seq, response, layers, vocab, chunk = shape

@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toolrl_jax.optim import (DivergenceGuard, OptimizerConfig, TrainingDivergedError, apply_gradients, make_optimizer,
-                              make_schedule)
+from toolrl_jax.optim import (
+    DivergenceGuard,
+    OptimizerConfig,
+    TrainingDivergedError,
+    apply_gradients,
+    make_optimizer,
+    make_schedule,
+)
 
 
 def test_defaults_are_the_toolrl_recipe():
@@ -62,11 +68,11 @@ def test_matches_torch_adamw_with_grad_clipping():
 def test_schedules_by_hand():
     warm = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4))
     np.testing.assert_allclose([float(warm(s)) for s in (0, 1, 2, 4, 100)], [0, 0.25, 0.5, 1.0, 1.0], atol=1e-7)
-    lin = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2, total_steps=6,
-                                        min_lr_ratio=0.2))
+    lin = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2, min_lr_ratio=0.2),
+                        total_updates=6)
     np.testing.assert_allclose([float(lin(s)) for s in (0, 1, 2, 3, 4, 6, 9)], [0, 0.5, 1, 0.8, 0.6, 0.2, 0.2],
                                atol=1e-6)
-    cos = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="cosine", total_steps=4, min_lr_ratio=0.1))
+    cos = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="cosine", min_lr_ratio=0.1), total_updates=4)
     # 0.1 + 0.9 * 0.5 * (1 + cos(pi * s / 4))
     expected = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(5)]
     np.testing.assert_allclose([float(cos(s)) for s in range(5)], expected, atol=1e-6)
@@ -134,8 +140,10 @@ def test_divergence_guard_logs_every_skip_and_stops_after_the_limit(caplog):
 def test_config_validation():
     with pytest.raises(ValueError, match="schedule"):
         OptimizerConfig(schedule="step")
-    with pytest.raises(ValueError, match="total_steps"):
-        OptimizerConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="needs more updates than warmup_steps"):
+        make_schedule(OptimizerConfig(schedule="cosine"))
+    with pytest.raises(ValueError, match="got 2 updates, warmup_steps=2"):
+        make_optimizer(OptimizerConfig(schedule="linear", warmup_steps=2), total_updates=2)
     with pytest.raises(ValueError, match="max_grad_norm"):
         OptimizerConfig(max_grad_norm=0.0)
     with pytest.raises(ValueError, match="learning_rate must be finite"):

@@ -1,5 +1,5 @@
-"""Plots and summary tables across runs (toolrl_jax/plotting.py, experiments/plot.py): metric logs merged per step,
-summaries in the paper's ablation-table layout, and, end to end, two real tiny GRPO runs trained, skipped and
+"""Plots and summary tables across runs (experiments/tools/plotting.py, experiments/plot.py): metric logs merged per
+step, summaries in the paper's ablation-table layout, and, end to end, two real tiny GRPO runs trained, skipped and
 resumed by the sweep runner, then plotted (PNG curves and table cells checked against the logged numbers)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from experiments.tools import plotting
 from tests.conftest import REPO_ROOT
-from toolrl_jax import plotting
 
 _TIMING_PREFIXES = ("time/", "throughput/")
 
@@ -120,7 +120,7 @@ def test_moving_average_and_smoothed_plot(tmp_path):
 
 
 def _logged(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl merged per step, read independently of toolrl_jax.plotting."""
+    """metrics.jsonl merged per step, read independently of experiments.tools.plotting."""
     by_step: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)

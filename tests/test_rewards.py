@@ -142,7 +142,8 @@ def test_variant_at_step(preset, step):
     # garbage: no think (length 0), no calls -> both minima
     assert reward("I refuse.", preset=preset, step=step) == (got[1] + got[3], got[1], got[3], 0.0)
     fractions = FRACTIONS.get(preset, FRACTIONS["original"])
-    for name, body in (("first", calls_turn(WEATHER, think=think)), ("reversed", calls_turn(TIME, WEATHER, think=think))):
+    for name, body in (("first", calls_turn(WEATHER, think=think)),
+                       ("reversed", calls_turn(TIME, WEATHER, think=think))):
         t, f, c, ln = reward(body, preset=preset, step=step)
         assert f == got[0] and ln == length
         assert c == pytest.approx((c_max - c_min) * fractions[name] + c_min, abs=1e-12), name
@@ -161,7 +162,8 @@ def test_scales_match_the_original_float_expressions():
 
 
 def test_length_schedule_alone_does_nothing_and_rounding_is_half_even():
-    think = lambda n: "<think> " + " ".join(["w"] * n) + " </think>\n<tool_call>\n" + json.dumps(WEATHER) + "\n</tool_call>"
+    think = lambda n: ("<think> " + " ".join(["w"] * n) + " </think>\n<tool_call>\n" + json.dumps(WEATHER)
+                       + "\n</tool_call>")
     assert reward(think(300), length_schedule=True)[3] == 0.0
     assert reward(think(64), preset="length")[3] == 0.12  # 64/512 = 0.125 -> 0.12 (half to even)
     assert reward(think(192), preset="length")[3] == 0.38  # 0.375 -> 0.38
@@ -210,8 +212,9 @@ def test_numeric_and_nested_value_equality():
     assert reward(strings, gt, value_match="tolerant")[2] == 6 * 4 / 5 - 3  # "1" ~ 1, "True" ~ True; xs differs
 
 
-@pytest.mark.parametrize("line", ["[1]", "3", '"get_weather"', "null", "true", '{"parameters": {}}', '{"name": ["x"], "parameters": {}}',
-                                  '{"name": "get_weather", "parameters": [1]}', '{"name": "get_weather"}', "", "{", "[" * 5000])
+@pytest.mark.parametrize("line", ["[1]", "3", '"get_weather"', "null", "true", '{"parameters": {}}',
+                                  '{"name": ["x"], "parameters": {}}', '{"name": "get_weather", "parameters": [1]}',
+                                  '{"name": "get_weather"}', "", "{", "[" * 5000])
 def test_malformed_predicted_calls_give_min(line):
     assert reward(calls_turn(lines=[json.dumps(WEATHER), line, json.dumps(TIME)]))[2] == -3.0
 
@@ -367,8 +370,8 @@ def test_score_batch_matches_per_sample_scores():
 
 
 def test_score_batch_with_process_pool_is_deterministic():
+    from experiments.tools.reward_mutations import MUTATIONS
     from toolrl_jax.rewards import make_reward_pool
-    from toolrl_jax.rewards.mutations import MUTATIONS
 
     responses, gts = [], []
     for i in range(300):
@@ -384,7 +387,7 @@ def test_score_batch_with_process_pool_is_deterministic():
 
 
 def test_rollout_mix():
-    from toolrl_jax.rewards.mutations import rollout_mix, synthetic_ground_truth
+    from experiments.tools.reward_mutations import rollout_mix, synthetic_ground_truth
 
     parse_ground_truth(synthetic_ground_truth(random.Random(0)))
     responses, gts = rollout_mix(200, [GT, GT_RESPONSE_ONLY], seed=0)

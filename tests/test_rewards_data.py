@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from experiments.tools.reward_mutations import MUTATIONS
 from toolrl_jax.rewards import GroundTruthError, RewardConfig, parse_ground_truth, score_batch
-from toolrl_jax.rewards.mutations import MUTATIONS
 
 
 @pytest.fixture(scope="module")

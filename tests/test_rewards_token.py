@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from experiments.tools.reward_mutations import MUTATIONS
 from toolrl_jax.rewards import parse_ground_truth, parse_response
-from toolrl_jax.rewards.mutations import MUTATIONS
 from toolrl_jax.rewards.parsing import COUNTED_TAGS
 from toolrl_jax.rewards.reward import format_ok
 from toolrl_jax.rewards.token_format import (
@@ -113,7 +113,7 @@ def test_prefilter_never_rejects_a_well_formed_response(rows, data):
 
 
 def test_prefilter_on_realistic_responses():
-    gt = parse_ground_truth("<think> t </think>\n<tool_call>\n{\"name\": \"f\", \"parameters\": {\"a\": 1}}\n</tool_call>")
+    gt = parse_ground_truth('<think> t </think>\n<tool_call>\n{"name": "f", "parameters": {"a": 1}}\n</tool_call>')
     texts = [m(gt.text) for m in MUTATIONS.values()][:B - 1] + [gt.text + "\n<tool_call>\n</tool_call>"]
     ids, mask = _pad([TOK.encode(t)[:T] for t in texts])
     counts = count_tag_tokens(ids, mask, PATTERNS.ids, PATTERNS.lengths)

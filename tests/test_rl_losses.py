@@ -10,14 +10,13 @@ import pytest
 
 from toolrl_jax.rl.losses import (
     aggregate,
-    entropy_from_logits,
     kl_estimate,
     policy_loss,
     token_logprobs_and_entropy,
-    token_logprobs_and_entropy_from_hidden,
     value_loss,
 )
 from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig, actor_loss, count_normalizers, critic_loss
+from toolrl_jax.training.sequences import map_position_chunks
 
 LN = math.log
 NAN = float("nan")
@@ -27,11 +26,13 @@ NAN = float("nan")
 
 def test_logprob_entropy_hand_values():
     logits = jnp.array([[[0.0, LN(3.0)], [0.0, -jnp.inf]]])  # probs (.25, .75) and (1, 0)
-    logp, ent = token_logprobs_and_entropy(logits, jnp.array([[1, 0]]))
+    logp, ent = token_logprobs_and_entropy(logits, jnp.array([[1, 0]]), masked_vocab=True)
+    assert np.isnan(np.asarray(token_logprobs_and_entropy(logits, jnp.array([[1, 0]]))[1])[0, 1])  # unguarded
     np.testing.assert_allclose(np.asarray(logp), [[LN(0.75), 0.0]], rtol=1e-6, atol=1e-7)
     h = -(0.25 * LN(0.25) + 0.75 * LN(0.75))
     np.testing.assert_allclose(np.asarray(ent), [[h, 0.0]], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(entropy_from_logits(jnp.zeros((4,)))), LN(4.0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(token_logprobs_and_entropy(jnp.zeros((4,)), jnp.array(0))[1]), LN(4.0),
+                               rtol=1e-6)
 
 
 def _numpy_logp_entropy(logits, targets):
@@ -43,18 +44,22 @@ def _numpy_logp_entropy(logits, targets):
     return logp, -(np.exp(logsm) * logsm).sum(-1)
 
 
+def _chunked(logits, targets, chunk):
+    """The log-probs of `token_logprobs_and_entropy` computed `chunk` positions at a time, as training does."""
+    return map_position_chunks(token_logprobs_and_entropy, logits, targets, chunk)
+
+
 @pytest.mark.parametrize("chunk", [None, 3, 7, 100])
 def test_logprobs_chunked_match_reference(chunk):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 7, 11)).astype(np.float32) * 3
     targets = rng.integers(0, 11, size=(2, 7))
-    logp, ent = token_logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), jnp.asarray(targets),
-                                           chunk_size=chunk)
+    logp, ent = _chunked(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), jnp.asarray(targets), chunk)
     ref_logp, ref_ent = _numpy_logp_entropy(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), targets)
     np.testing.assert_allclose(np.asarray(logp), ref_logp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent), ref_ent, rtol=1e-5, atol=1e-5)
     # bf16 logits are upcast before the softmax
-    logp16, _ = token_logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets), chunk_size=chunk)
+    logp16, _ = _chunked(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets), chunk)
     assert logp16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logp16), ref_logp, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +71,7 @@ def test_from_hidden_chunked_matches_dense_values_and_grads():
     targets = jnp.asarray(rng.integers(0, 9, size=(2, 5)))
 
     def objective(w, chunk):
-        logp, ent = token_logprobs_and_entropy_from_hidden(hidden, lambda h: h @ w, targets, chunk_size=chunk)
+        logp, ent = map_position_chunks(lambda h, t: token_logprobs_and_entropy(h @ w, t), hidden, targets, chunk)
         return jnp.sum(logp) + 0.3 * jnp.sum(ent)
 
     dense_v, dense_g = jax.value_and_grad(objective)(w, None)
@@ -74,7 +79,7 @@ def test_from_hidden_chunked_matches_dense_values_and_grads():
     np.testing.assert_allclose(float(chunk_v), float(dense_v), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(chunk_g), np.asarray(dense_g), rtol=1e-5, atol=1e-6)
     logp_ref, _ = token_logprobs_and_entropy(hidden @ w, targets)
-    logp, _ = token_logprobs_and_entropy_from_hidden(hidden, lambda h: h @ w, targets, chunk_size=2)
+    logp, _ = map_position_chunks(lambda h, t: token_logprobs_and_entropy(h @ w, t), hidden, targets, 2)
     np.testing.assert_allclose(np.asarray(logp), np.asarray(logp_ref), rtol=1e-6, atol=1e-6)
 
 

@@ -13,13 +13,14 @@ from flax import nnx
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.optim import OptimizerConfig, make_optimizer
-from toolrl_jax.training.accumulation import accumulate_gradients
-from toolrl_jax.rl.ppo import PolicyLossConfig, count_normalizers
 from toolrl_jax.rl.losses import AGG_MODES
-from toolrl_jax.training.grpo import (batched_logprobs, make_logprob_fn, make_split_update_fns, make_update_fn,
-                                     stack_minibatches, update_normalizers)
-from toolrl_jax.training.sequences import (join_prompt_and_response, response_logprobs, row_extents, rows_by_length,
-                                          trim_rows)
+from toolrl_jax.rl.ppo import PolicyLossConfig
+from toolrl_jax.sampling.config import SamplingConfig
+from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn, update_normalizers
+from toolrl_jax.training.layout import RowLayout, row_extents, rows_by_length, stack_minibatches, trim_rows
+from toolrl_jax.training.rollout import batched_logprobs, collect_logprobs, dispatch_logprobs
+from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
 
 PROMPT_WIDTH, RESPONSE_WIDTH = 16, 12
 
@@ -71,21 +72,23 @@ def test_trimmed_chunks_give_the_full_rows_logprobs(model):
     rows = _rows([3, 16, 7, 2, 9, 12], [12, 2, 5, 1, 8, 3], seed=1)
     graphdef, params = nnx.split(model)
     full_logp, full_ent = response_logprobs(graphdef, params, rows)
-    widths = []
-
-    def trim(chunk):
-        p, r = row_extents(chunk)
-        widths.append((int(p.max()), int(r.max())))
-        return trim_rows(chunk, int(p.max()), int(r.max()))
-
-    logp, ent = batched_logprobs(make_logprob_fn(graphdef), params, rows, 2, trim=trim)
+    # One prompt bucket (so rows are ordered by response length) and response buckets of one token (so every chunk
+    # is cut to exactly its longest response).
+    layout = RowLayout(SamplingConfig(max_new_tokens=RESPONSE_WIDTH, prompt_length_buckets=(PROMPT_WIDTH,)),
+                       response_buckets=tuple(range(1, RESPONSE_WIDTH + 1)))
+    pending = dispatch_logprobs(make_logprob_fn(graphdef), params, rows, 2, layout=layout)
+    logp, ent = collect_logprobs(pending, rows["response_ids"].shape)
     mask = rows["response_mask"].astype(bool)
     np.testing.assert_allclose(np.where(mask, logp, 0), np.where(mask, full_logp, 0), atol=1e-5)
     np.testing.assert_allclose(np.where(mask, ent, 0), np.where(mask, full_ent, 0), atol=1e-5)
     # Columns past a chunk's width are not computed (0): rows 3 and 1 (responses of 1 and 2) share a 2-wide chunk.
     assert np.all(logp[[1, 3], 2:] == 0) and np.all(ent[[1, 3], 2:] == 0)
     # Shortest rows first, so chunks pair similar lengths: (1, 2), (3, 5), (8, 12) responses.
-    assert [w[1] for w in widths] == [2, 5, 12]
+    assert [chunk_logp.shape[1] for _, (chunk_logp, _) in pending] == [2, 5, 12]
+    np.testing.assert_array_equal(np.concatenate([index for index, _ in pending]), [3, 1, 5, 2, 4, 0])
+    # The one-shot helper gives the same values.
+    again, _ = batched_logprobs(make_logprob_fn(graphdef), params, rows, 2, layout=layout)
+    np.testing.assert_array_equal(again, logp)
 
 
 def test_chunked_logprob_head_equals_one_pass(model):

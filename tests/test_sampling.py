@@ -92,7 +92,7 @@ def _tempered_reference(logits: np.ndarray, token: int, temperature: float, top_
 @pytest.mark.parametrize("bad, match", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(group_size=0), "group_size"),
     (dict(prompt_length_buckets=(64, 32)), "prompt_length_buckets"), (dict(batch_buckets=()), "batch_buckets"),
     (dict(stop_token_ids=(-3,)), "stop_token_ids"), (dict(top_k=2.5), "top_k"), (dict(prefill_chunk=0), "prefill"),
 ])
@@ -151,7 +151,7 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(greedy_setup):
 def test_padding_and_buckets_do_not_change_results(greedy_setup):
     """Other length buckets, batch buckets and chunkings give the same tokens, greedy and sampled."""
     _, sampler, _ = greedy_setup
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, num_samples=2)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, group_size=2)
     a = sampler.generate(PROMPTS, cfg, jax.random.key(3))
     b = sampler.generate(PROMPTS, cfg.replace(prompt_length_buckets=(12, 64), batch_buckets=(1,)),
                          jax.random.key(3))
@@ -226,15 +226,15 @@ def test_decode_loop_updates_the_kv_cache_in_place(greedy_setup):
 
 # ---------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("cfg", [
-    SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, num_samples=3, max_new_tokens=7, tempered_logprobs=True),
-    SamplingConfig(temperature=1.0, top_p=0.9, num_samples=2, max_new_tokens=7, tempered_logprobs=True),
+    SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, group_size=3, max_new_tokens=7, tempered_logprobs=True),
+    SamplingConfig(temperature=1.0, top_p=0.9, group_size=2, max_new_tokens=7, tempered_logprobs=True),
 ], ids=["topk_topp_t0.7", "topp_only"])
 def test_sampled_logprobs_match_teacher_forcing(sharp_sampler, cfg):
     """Returned log-probs equal a cache-free forward over the sampled sequence; tempered ones match a numpy
     reimplementation of the filters, so every sampled token lies inside the filtered support."""
     model, sampler = sharp_sampler
     out = sampler.generate(PROMPTS, cfg, jax.random.key(11))
-    n = cfg.num_samples
+    n = cfg.group_size
     assert out.response_ids.shape == (3 * n, 7)
     np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(3), n))
     for i, prompt in enumerate(PROMPTS):  # samples of a prompt share it
@@ -253,7 +253,7 @@ def test_sampled_logprobs_match_teacher_forcing(sharp_sampler, cfg):
 def test_same_key_same_samples_rows_independent(sharp_sampler):
     _, sampler = sharp_sampler
     # Same static spec as the "topp_only" case above (temperature and top_p values are traced): no new compile.
-    cfg = SamplingConfig(temperature=1.5, top_p=0.9, num_samples=2, max_new_tokens=7)
+    cfg = SamplingConfig(temperature=1.5, top_p=0.9, group_size=2, max_new_tokens=7)
     a = sampler.generate(PROMPTS, cfg, jax.random.key(7))
     b = sampler.generate(PROMPTS, cfg, jax.random.key(7))
     c = sampler.generate(PROMPTS, cfg, jax.random.key(8))

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     model = CausalLM(ModelConfig.tiny("qwen2"), rngs=nnx.Rngs(0))
     prompts = [[5, 17, 33, 9], [40, 41, 42, 43, 44, 45, 46], [77], [3, 4, 5], [90, 91]]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
-    sampled = SamplingConfig(temperature=1.0, top_k=40, num_samples=2, max_new_tokens=6)
+    sampled = SamplingConfig(temperature=1.0, top_k=40, group_size=2, max_new_tokens=6)
     single = Sampler(model, pad_id=0, stop_token_ids=(2,))
     want = [single.generate(prompts, cfg, 3) for cfg in (greedy, sampled)]
 

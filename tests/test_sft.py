@@ -133,7 +133,8 @@ def test_crashed_run_resumes_exactly(tiny_chat_model_dir, tok, tmp_path):
     straight_model, straight = sft_train(_model(tiny_chat_model_dir), tok, examples, cfg)
 
     def crash_after_two(step, metrics):
-        if step == 2:
+        # step 3's metrics hook: step 2 is saved (a step is saved once its hooks have run), step 3 is not
+        if step == 3:
             raise _Crash("simulated preemption")
 
     ckpt_dir = tmp_path / "ckpt"
@@ -159,7 +160,8 @@ _MESH_WORKER = textwrap.dedent("""
     from flax import nnx
     from toolrl_jax.datasets.synthetic import make_synthetic_split
     from toolrl_jax.models.hf_io import load_hf_model
-    from toolrl_jax.sharding import MeshConfig, make_mesh
+    from toolrl_jax.placement import Placement
+    from toolrl_jax.sharding import MeshConfig
     from toolrl_jax.tokenization import load_tokenizer
     from toolrl_jax.training.sft import SFTConfig, SFTTrainer
     folder = sys.argv[1]
@@ -168,8 +170,8 @@ _MESH_WORKER = textwrap.dedent("""
     cfg = SFTConfig(learning_rate=2e-3, lr_schedule="constant", warmup_ratio=0.0, epochs=None, max_steps=2,
                     batch_size=8, micro_batch_size=4, max_length=96, max_prompt_length=24, logits_chunk_size=32)
     out = {}
-    for name, mesh in (("single", None), ("mesh", make_mesh(MeshConfig(data=2, fsdp=2, tensor=1)))):
-        trainer = SFTTrainer(load_hf_model(folder, dtype="float32")[1], tok, examples, cfg, mesh=mesh)
+    for name, placement in (("single", Placement()), ("mesh", Placement.from_config(MeshConfig(data=2, fsdp=2)))):
+        trainer = SFTTrainer(load_hf_model(folder, dtype="float32")[1], tok, examples, cfg, placement=placement)
         history = trainer.train()
         out[name] = {"loss": [h["loss"] for h in history],
                      "params": [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(trainer.params)],
@@ -242,8 +244,8 @@ def test_experiment_runs_end_to_end_resumes_and_exports(tiny_chat_model_dir, tmp
         [*common, "--max_steps=0"],
         ["--flagfile=experiments/configs/sft400_qwen2.5_3b.flags"])
     assert "already holds checkpoints" in again
-    assert "--batch_size (5) must be a multiple of --micro_batch_size (2)" in bad
-    assert "set at least one of them" in epochless
+    assert "batch_size (5) must be a multiple of micro_batch_size (2)" in bad and "--batch_size" in bad
+    assert "set epochs, max_steps or both" in epochless and "--epochs" in epochless
     assert "--model=/path/to/Qwen2.5-3B-Instruct" in big
 
 

@@ -10,8 +10,14 @@ import pytest
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.datasets.synthetic import make_synthetic_split
 from toolrl_jax.tokenization import encode_chat, load_tokenizer, render_chat
-from toolrl_jax.training.sft_data import (SFTBatchingConfig, SFTDataset, SFTEncoder, SFTSequence, TemplateError,
-                                          pack_best_fit, tokenize_examples)
+from toolrl_jax.training.sft_data import (
+    SFTBatchingConfig,
+    SFTDataset,
+    SFTSequence,
+    TemplateError,
+    pack_best_fit,
+    tokenize_examples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,7 @@ def test_assistant_tokens_only_carry_loss_smollm2(tok, examples):
     seen = []
     for m in range(batch.input_ids.shape[0]):
         for r in range(batch.input_ids.shape[1]):
-            for s, sl in _segments(batch, m, r):
+            for _, sl in _segments(batch, m, r):
                 w = batch.loss_weights[m, r, sl]
                 predicted = batch.target_ids[m, r, sl][w > 0].tolist()
                 ids = batch.input_ids[m, r, sl]

@@ -1,5 +1,5 @@
-"""Sweeps (toolrl_jax/sweeps.py, experiments/sweep.py): spec validation, grid/list expansion, deterministic unique
-names, self-contained run flagfiles, refusal to overwrite, resume/skip decisions, the TPU-pod and SLURM launch
+"""Sweeps (experiments/tools/sweeps.py, experiments/sweep.py): spec validation, grid/list expansion, deterministic
+unique names, self-contained run flagfiles, refusal to overwrite, resume/skip decisions, the TPU-pod and SLURM launch
 scripts (executed against fake gcloud/srun/python), and every paper flagfile and sweep spec parsed by
 experiments.grpo's own flags (one subprocess for all of them)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.tools import sweeps
 from tests.conftest import REPO_ROOT
-from toolrl_jax import sweeps
 
 CONFIGS = REPO_ROOT / "experiments" / "configs"
 PAPER_FLAGFILES = ["grpo_qwen2.5_1.5b.flags", "grpo_qwen2.5_3b.flags", "grpo_qwen2.5_7b.flags",

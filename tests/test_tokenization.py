@@ -142,8 +142,9 @@ def test_qwen_chat_default_system_and_multi_turn(qwen):
 
 
 def test_qwen_chat_tools_tool_calls_and_responses(qwen):
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                             "parameters": parameters}}
     messages = [
         {"role": "system", "content": "Use tools."},
         {"role": "user", "content": "Weather in Paris and Rome?"},

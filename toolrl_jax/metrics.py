@@ -1,5 +1,5 @@
 """Run logging: one JSON line per step (metrics.jsonl), sample responses (sample_log.jsonl), TensorBoard scalars,
-a tqdm progress line with the live reward, and a wall-clock Timer for the generate/score/train phases.
+a tqdm progress line with the live reward, and the median wall time of a benchmarked call.
 
 Resuming: open the writer with `resume_step` = the restored checkpoint's step. Lines of steps after it (written
 by the crashed run past its last checkpoint) are dropped from both JSONL files, as is a torn last line, and
@@ -7,7 +7,6 @@ TensorBoard is told to purge its events from step resume_step + 1 on, so no step
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -196,32 +195,6 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
-
-
-class Timer:
-    """Accumulates wall-clock seconds per named phase: `with timer("generate"): ...`.
-
-    JAX dispatches asynchronously: block on the phase's outputs (jax.block_until_ready) inside the `with` block,
-    or the time lands in whichever later phase first waits for them.
-    """
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def summary(self, prefix: str = "time/", reset: bool = True) -> dict[str, float]:
-        """{prefix + name: seconds} for every phase timed since the last reset."""
-        out = {prefix + name: seconds for name, seconds in self.totals.items()}
-        if reset:
-            self.totals = {}
-        return out
 
 
 def median_seconds(fn: Any, repeats: int) -> float:

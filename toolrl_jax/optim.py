@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from toolrl_jax.config_checks import option
+
 SCHEDULES = ("constant", "linear", "cosine")
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ class OptimizerConfig:
     """AdamW + clipping + schedule.
 
     schedule: "constant" (after an optional linear warm-up from 0), "linear" (warm-up, then linear decay to
-    min_lr_ratio * learning_rate at total_steps) or "cosine" (warm-up, then cosine decay to the same floor).
+    min_lr_ratio * learning_rate at the run's last update) or "cosine" (warm-up, then cosine decay to the same
+    floor). The number of updates is not part of the config: the trainer knows it and passes it to `make_optimizer`.
     decay_all_params: True applies weight decay to every parameter (torch AdamW / veRL default); False skips
     parameters with fewer than 2 dimensions (norm scales, biases).
     max_grad_norm: clip by global norm; None disables clipping.
@@ -36,20 +39,24 @@ class OptimizerConfig:
       with fp32 weights (the second moment stays in the parameter dtype: its square-root scale needs the range).
     """
 
-    learning_rate: float = 1e-6
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: Optional[float] = 1.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    total_steps: Optional[int] = None
-    min_lr_ratio: float = 0.0
-    decay_all_params: bool = True
-    skip_nonfinite: bool = True
-    max_consecutive_skips: int = 3
-    mu_dtype: Optional[str] = None
+    learning_rate: float = option(1e-6, "Peak learning rate.", flag="lr")
+    b1: float = option(0.9, "AdamW beta1.", flag="adam_b1")
+    b2: float = option(0.999, "AdamW beta2.", flag="adam_b2")
+    eps: float = option(1e-8, "AdamW epsilon.", flag="adam_eps")
+    weight_decay: float = option(0.01, "AdamW (decoupled) weight decay.")
+    max_grad_norm: Optional[float] = option(1.0, "Global gradient-norm clip (0 = off).", zero_is_none=True)
+    schedule: str = option("constant", "Learning-rate schedule over the run's optimizer updates.", choices=SCHEDULES,
+                           flag="lr_schedule")
+    warmup_steps: int = option(0, "Linear warm-up optimizer updates.")
+    min_lr_ratio: float = option(0.0, "Final learning rate of the linear/cosine decay, as a fraction of --lr.")
+    decay_all_params: bool = option(True, "Weight decay on every parameter (torch/veRL); false skips vectors "
+                                          "(norm scales, biases).")
+    skip_nonfinite: bool = option(True, "Skip (and log) an update whose gradient norm is NaN/inf (veRL).")
+    max_consecutive_skips: int = option(3, "Skipped updates in a row that stop the run (a diverged model), before "
+                                           "anything of that step is saved.", flag="max_consecutive_skipped_updates")
+    mu_dtype: Optional[str] = option(None, "AdamW first-moment dtype (default: the parameter dtype); bfloat16 saves "
+                                           "2 bytes per parameter.", choices=("float32", "bfloat16"),
+                                     flag="adam_mu_dtype")
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -58,10 +65,6 @@ class OptimizerConfig:
             raise ValueError("OptimizerConfig: learning_rate, weight_decay and warmup_steps must be >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"OptimizerConfig.max_grad_norm must be positive or None, got {self.max_grad_norm}")
-        if self.schedule != "constant":
-            if self.total_steps is None or self.total_steps <= self.warmup_steps:
-                raise ValueError(f"OptimizerConfig: schedule {self.schedule!r} needs total_steps > warmup_steps "
-                                 f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
         if self.mu_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"OptimizerConfig.mu_dtype must be None, 'float32' or 'bfloat16', got {self.mu_dtype!r}")
         if self.max_consecutive_skips < 1:
@@ -76,8 +79,17 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Learning rate as a function of the update count (0 for the first update)."""
+def check_schedule(cfg: OptimizerConfig, total_updates: Optional[int]) -> None:
+    """Raises ValueError when `cfg.schedule` cannot run over `total_updates` optimizer updates."""
+    if cfg.schedule != "constant" and (total_updates is None or total_updates <= cfg.warmup_steps):
+        raise ValueError(f"OptimizerConfig: schedule {cfg.schedule!r} needs more updates than warmup_steps (got "
+                         f"{total_updates} updates, warmup_steps={cfg.warmup_steps})")
+
+
+def make_schedule(cfg: OptimizerConfig, total_updates: Optional[int] = None) -> optax.Schedule:
+    """Learning rate as a function of the update count (0 for the first update); decaying schedules end at update
+    `total_updates`."""
+    check_schedule(cfg, total_updates)
     peak = cfg.learning_rate
     if cfg.schedule == "constant":
         if cfg.warmup_steps == 0:
@@ -85,7 +97,7 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup_steps),
                                      optax.constant_schedule(peak)], [cfg.warmup_steps])
     end = peak * cfg.min_lr_ratio
-    decay_steps = cfg.total_steps - cfg.warmup_steps
+    decay_steps = total_updates - cfg.warmup_steps
     if cfg.schedule == "linear":
         decay = optax.linear_schedule(peak, end, decay_steps)
     else:
@@ -100,12 +112,14 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm (optional) followed by AdamW with an injected (loggable) learning rate."""
+def make_optimizer(cfg: OptimizerConfig, total_updates: Optional[int] = None) -> optax.GradientTransformation:
+    """clip_by_global_norm (optional) followed by AdamW with an injected (loggable) learning rate; `total_updates`
+    (the run's optimizer updates) is needed by decaying schedules only."""
     # Hyper-parameters stay float32 whatever the parameter dtype (in bf16, b2 = 0.999 would round to 1.0).
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"), hyperparam_dtype=jnp.float32)(
-        learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=None if cfg.decay_all_params else decay_mask, mu_dtype=cfg.mu_dtype and jnp.dtype(cfg.mu_dtype))
+        learning_rate=make_schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=None if cfg.decay_all_params else decay_mask,
+        mu_dtype=cfg.mu_dtype and jnp.dtype(cfg.mu_dtype))
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm is not None else optax.identity()
     return optax.chain(clip, adamw)
 
@@ -165,9 +179,9 @@ class DivergenceGuard:
         if float(metrics.get(prefix + "update_skipped", 0.0)) > 0.0:
             self.consecutive_skips += 1
             self.total_skips += 1
-            logger.warning("%s update skipped at %s: non-finite gradient norm %s (%d in a row, %d in all; the run stops "
-                           "at %d in a row)", self.name, where, grad_norm, self.consecutive_skips, self.total_skips,
-                           self.max_consecutive_skips)
+            logger.warning("%s update skipped at %s: non-finite gradient norm %s (%d in a row, %d in all; the run "
+                           "stops at %d in a row)", self.name, where, grad_norm, self.consecutive_skips,
+                           self.total_skips, self.max_consecutive_skips)
             if self.consecutive_skips >= self.max_consecutive_skips:
                 raise TrainingDivergedError(
                     f"{self.name}: {self.consecutive_skips} consecutive updates had non-finite gradients (the last at "

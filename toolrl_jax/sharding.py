@@ -2,7 +2,8 @@
 
 Mesh axes are ("data", "fsdp", "tensor"). Parameters are sharded by regex rules over their '/'-joined pytree path
 (e.g. "layers/3/attn/q_proj/kernel"); the same rules shard optimizer state, whose moment trees repeat the parameter
-paths under a prefix. Batches are split along their leading axis over ("data", "fsdp").
+paths under a prefix. Batches are split along their leading axis over ("data", "fsdp"). `toolrl_jax.placement.Placement`
+applies these rules for the trainers, the sampler and the loaders.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def partition_spec(path: str, shape: Sequence[int], axis_sizes: Mapping[str, int
     A dimension whose size is not divisible by its mesh axes is replicated instead (with a warning); a spec with
     more entries than the array has dimensions falls back to full replication. No rule matching means replicated.
     """
-    for pattern, spec in rules:
+    for pattern, spec in rules:  # noqa: B007 - the matching rule's spec is used after the loop
         if re.search(pattern, path):
             break
     else:
@@ -140,31 +141,6 @@ def param_shardings(state_shapes: Any, mesh: Mesh, rules: PartitionRules = DEFAU
         return NamedSharding(mesh, partition_spec(path_to_str(path), shape, axis_sizes, rules))
 
     return jax.tree_util.tree_map_with_path(one, state_shapes)
-
-
-def shard_params(state: Any, mesh: Mesh, rules: PartitionRules = DEFAULT_RULES) -> Any:
-    """Place every array of `state` on the mesh according to `rules`."""
-    return jax.device_put(state, param_shardings(state, mesh, rules))
-
-
-def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying their target sharding (e.g. a checkpoint-restore target)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ("data", "fsdp"); other axes replicated."""
-    return NamedSharding(mesh, BATCH_SPEC)
-
-
-def host_local_batch_to_global(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
-    """Assemble each process's local rows (numpy) into global jax.Arrays sharded by `spec`.
-
-    Every process passes its own slice of the batch; the global leading dimension is the sum over processes.
-    On a single host this is a plain sharded device_put.
-    """
-    sharding = NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,

@@ -2,8 +2,7 @@
 and the built-in synthetic task set."""
 from toolrl_jax.datasets.batching import BatchingConfig, PromptBatch, PromptDataset, chat_encoder
 from toolrl_jax.datasets.example import ToolRLExample
-from toolrl_jax.datasets.io import (DataFileError, read_examples, read_json, read_parquet, write_parquet,
-                                    write_sft_json)
+from toolrl_jax.datasets.io import DataFileError, read_examples, read_json, read_parquet, write_parquet, write_sft_json
 from toolrl_jax.datasets.mix import MixConfig, build_mix
 from toolrl_jax.datasets.sources import ConversionReport, convert_file
 from toolrl_jax.datasets.stats import example_stats

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from toolrl_jax.config_checks import option
 from toolrl_jax.datasets.cursor import EpochCursor
 from toolrl_jax.datasets.example import ToolRLExample
 
@@ -63,8 +64,14 @@ class BatchingConfig:
     max_prompt_length: int
     seed: int = 0
     shuffle: bool = True
-    order: Literal["random", "length_grouped"] = "random"
-    sort_window: int = 16
+    order: Literal["random", "length_grouped"] = option(
+        "random", "Which prompts share a step. random: a uniform random batch each step, a different random "
+                  "remainder dropped each epoch (the original ToolRL/veRL sampler). length_grouped: prompts of similar "
+                  "length share a step (less rollout padding, but each step covers a narrow length band and, when "
+                  "--length_group_window x the batch exceeds the data, the longest prompts are never trained on). "
+                  "Padding inside a step is cut by --trim_padding either way.", choices=ORDERS, flag="prompt_order")
+    sort_window: int = option(16, "--prompt_order=length_grouped: batches per length-sorting window.",
+                              flag="length_group_window")
     bucket_lengths: tuple[int, ...] | None = None
     drop_last: bool = True
     truncation: Literal["left", "drop", "error"] = "left"

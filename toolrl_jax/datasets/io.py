@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from toolrl_jax.datasets.example import (DEFAULT_ABILITY, DEFAULT_DATA_SOURCE, DEFAULT_REWARD_STYLE,
-                                         ToolRLExample)
+from toolrl_jax.datasets.example import DEFAULT_ABILITY, DEFAULT_DATA_SOURCE, DEFAULT_REWARD_STYLE, ToolRLExample
 from toolrl_jax.datasets.records import DataFileError, Records, RowError, read_json_records
 
 _MESSAGE = pa.struct([("content", pa.string()), ("role", pa.string())])

@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from toolrl_jax.datasets.example import ToolRLExample
-from toolrl_jax.datasets.format import (FormatError, ToolSpec, format_assistant_turn, format_obs, format_user,
-                                        prompt_messages, render_system_prompt)
+from toolrl_jax.datasets.format import (
+    FormatError,
+    ToolSpec,
+    format_assistant_turn,
+    format_obs,
+    format_user,
+    prompt_messages,
+    render_system_prompt,
+)
 from toolrl_jax.datasets.records import Records, RowIssue, RowUnit, read_json_records, row_label
 
 EmptyCallPolicy = Literal["skip", "response"]

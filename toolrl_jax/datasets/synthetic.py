@@ -24,8 +24,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from toolrl_jax.datasets.example import ToolRLExample
-from toolrl_jax.datasets.format import (SYSTEM_FOOTER, SYSTEM_HEADER, ToolSpec, format_assistant_turn,
-                                        format_user, prompt_messages, render_system_prompt)
+from toolrl_jax.datasets.format import (
+    SYSTEM_FOOTER,
+    SYSTEM_HEADER,
+    ToolSpec,
+    format_assistant_turn,
+    format_user,
+    prompt_messages,
+    render_system_prompt,
+)
 
 COMPACT_HEADER = "You can call these tools:\n"
 COMPACT_FOOTER = (

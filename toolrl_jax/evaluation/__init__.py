@@ -4,8 +4,15 @@ Scorers are model-free; generation goes through the small ``Generator`` protocol
 (``generate(list_of_message_lists, limits) -> list[Completion]``), e.g. ``SamplerGenerator`` (the project's JAX
 sampler) or ``FunctionGenerator`` (tests, oracles). ``suite.run_evaluation`` runs everything and writes the report.
 """
-from toolrl_jax.evaluation.generator import (Completion, FunctionGenerator, GenerationLimits, Generator,
-                                             PromptTooLongError, SamplerGenerator, SamplerGeneratorConfig)
+from toolrl_jax.evaluation.generator import (
+                                             Completion,
+                                             FunctionGenerator,
+                                             GenerationLimits,
+                                             Generator,
+                                             PromptTooLongError,
+                                             SamplerGenerator,
+                                             SamplerGeneratorConfig,
+)
 from toolrl_jax.evaluation.judge import LlmJudge
 from toolrl_jax.evaluation.parsing import ToolCall, parse_tool_calls, parse_turn
 from toolrl_jax.evaluation.prompts import PromptSet

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_jax.evaluation import api_bank, bamboogle, bamboogle_toolrl, heldout, prompts, report
-from toolrl_jax.evaluation.bfcl import categories as bfcl_categories, data as bfcl_data, multi_turn
-from toolrl_jax.evaluation.bfcl.runner import DEFAULT_LIMITS as BFCL_LIMITS, BfclConfig, evaluate_bfcl
+from toolrl_jax.evaluation.bfcl import categories as bfcl_categories
+from toolrl_jax.evaluation.bfcl import data as bfcl_data
+from toolrl_jax.evaluation.bfcl import multi_turn
+from toolrl_jax.evaluation.bfcl.runner import DEFAULT_LIMITS as BFCL_LIMITS
+from toolrl_jax.evaluation.bfcl.runner import BfclConfig, evaluate_bfcl
 from toolrl_jax.evaluation.generator import LONG_PROMPT_POLICIES, GenerationLimits, Generator
 from toolrl_jax.evaluation.judge import LlmJudge
 from toolrl_jax.evaluation.search import SearchBackend, WebSearch

@@ -1,4 +1,5 @@
-"""Decoder configuration: one frozen dataclass for Qwen2/Qwen2.5 and Llama-3.x, read from and written to HF config.json."""
+"""Decoder configuration: one frozen dataclass for Qwen2/Qwen2.5 and Llama-3.x, read from and written to HF
+config.json."""
 from __future__ import annotations
 
 import dataclasses

@@ -6,7 +6,7 @@ default) and are cast to `dtype` for compute; logits and softmax statistics are 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import chex
 import flax.struct
@@ -252,7 +252,7 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 def cast_floating(state: Any, dtype: jnp.dtype | str | None = None, *, copy: bool = False) -> Any:
     """A parameter pytree with its floating leaves cast to `dtype` (None: kept). Casting to the compute dtype leaves
     the model's outputs bit-identical: every kernel, bias, norm scale and embedding is cast to the compute dtype
-    before use (see `Linear`, `RMSNorm`). copy=True puts every leaf in a fresh buffer (safe to keep when the original
+    before use (see `Dense`, `RMSNorm`). copy=True puts every leaf in a fresh buffer (safe to keep when the original
     is donated); otherwise a leaf already in its target dtype is shared."""
     def one(x: jax.Array) -> jax.Array:
         target = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype

@@ -58,18 +58,9 @@ def _check_rotary_rows(weight: np.ndarray, num_heads: int) -> int:
     return weight.shape[0] // num_heads
 
 
-def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """HF (rotate-half) row order -> llama.cpp (interleaved) row order, as llama.cpp's converter does.
-
-    Within each head of size D, HF row `s * D/2 + j` (s in {0, 1}) moves to row `2 * j + s`.
-    """
-    head_dim = _check_rotary_rows(weight, num_heads)
-    return (weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Exact inverse of `permute_rotary_rows`: llama.cpp row order -> HF row order."""
+    """llama.cpp (interleaved) row order -> HF (rotate-half) row order: within each head of size D, row `2 * j + s`
+    (s in {0, 1}) moves back to row `s * D/2 + j`, inverting llama.cpp's converter exactly."""
     head_dim = _check_rotary_rows(weight, num_heads)
     return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))

@@ -110,7 +110,8 @@ class RewardConfig:
                 raise RewardConfigError((lo, hi), f"{lo} = {getattr(self, lo)} is above {hi} = {getattr(self, hi)}")
         for name in ("length_target", "length_schedule_start", "length_schedule_end"):
             if getattr(self, name) <= 0:
-                raise RewardConfigError(name, f"must be > 0 (it divides the think word count), got {getattr(self, name)}")
+                raise RewardConfigError(name, f"must be > 0 (it divides the think word count), got "
+                                              f"{getattr(self, name)}")
         for name in ("length_schedule_steps", "scale_schedule_steps"):
             if getattr(self, name) <= 0:
                 raise RewardConfigError(name, f"must be > 0, got {getattr(self, name)}")

@@ -58,7 +58,8 @@ class TagTokenPatterns:
     lengths: np.ndarray
 
     @classmethod
-    def from_encode(cls, encode: Callable[[str], Sequence[int]], tags: Sequence[str] = COUNTED_TAGS) -> "TagTokenPatterns":
+    def from_encode(cls, encode: Callable[[str], Sequence[int]],
+                    tags: Sequence[str] = COUNTED_TAGS) -> "TagTokenPatterns":
         """Build from a tokenizer's encode function (no special BOS/EOS added), e.g. `lambda s: tok.encode(s)`."""
         spellings = []
         for tag in tags:

@@ -9,7 +9,7 @@ original ToolRL trainer's per-micro-batch normalisation on purpose (see `aggrega
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import chex
 import jax
@@ -22,82 +22,25 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 # --------------------------------------------------------------------------- log-probs and entropy
 
 
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits) over the last axis, in float32: logsumexp(x) - sum(p * x).
-
-    Entries with p = 0 (e.g. logits of -inf) contribute nothing instead of NaN.
-    """
-    x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    p = jnp.exp(x - lse[..., None])
-    return lse - jnp.sum(jnp.where(p > 0, p * x, 0.0), axis=-1)
-
-
-def _logp_entropy_dense(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    picked = jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    p = jnp.exp(x - lse[..., None])
-    entropy = lse - jnp.sum(jnp.where(p > 0, p * x, 0.0), axis=-1)
-    return picked - lse, entropy
-
-
-def _map_over_time_chunks(fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], inputs: jax.Array,
-                          targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Apply fn to [B, c, ...] slices of the time axis sequentially (lax.map); remainder handled separately."""
-    b, t = targets.shape
-    n_full = t // chunk_size
-    outs_logp, outs_ent = [], []
-    if n_full:
-        head = inputs[:, : n_full * chunk_size].reshape((b, n_full, chunk_size) + inputs.shape[2:])
-        head_t = targets[:, : n_full * chunk_size].reshape(b, n_full, chunk_size)
-        logp, ent = jax.lax.map(lambda xs: fn(xs[0], xs[1]), (jnp.moveaxis(head, 1, 0), jnp.moveaxis(head_t, 1, 0)))
-        outs_logp.append(jnp.moveaxis(logp, 0, 1).reshape(b, n_full * chunk_size))
-        outs_ent.append(jnp.moveaxis(ent, 0, 1).reshape(b, n_full * chunk_size))
-    if t % chunk_size:
-        logp, ent = fn(inputs[:, n_full * chunk_size:], targets[:, n_full * chunk_size:])
-        outs_logp.append(logp)
-        outs_ent.append(ent)
-    return jnp.concatenate(outs_logp, axis=1), jnp.concatenate(outs_ent, axis=1)
-
-
 def token_logprobs_and_entropy(logits: jax.Array, targets: jax.Array,
-                               chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    """log p(targets[b, t] | logits[b, t]) and the entropy of each position, both [B, T] float32.
+                               masked_vocab: bool = False) -> tuple[jax.Array, jax.Array]:
+    """log p(targets[...] | logits[...]) and the entropy of each float32 distribution: logits [..., V], targets [...].
 
-    The caller aligns the shift: logits at position t must be the prediction FOR targets[:, t]. The float32
-    log-softmax is computed `chunk_size` positions at a time (sequentially) when given, bounding the float32
-    temporaries to [B, chunk, V] when the logits are bf16.
+    The caller aligns the shift (logits at position t predict targets[t]). bf16 logits are upcast first. With
+    `masked_vocab` (logits of -inf allowed), tokens with p = 0 contribute nothing to the entropy instead of NaN; it
+    is off for the policy's own logits, which are finite: the guard would keep a [..., V] mask for the backward
+    pass. Long sequences bound the [..., V] float32 temporaries by calling this chunk by chunk
+    (`training.sequences.map_position_chunks`).
     """
-    chex.assert_rank([logits, targets], [3, 2])
-    chex.assert_equal_shape_prefix([logits, targets], 2)
-    if chunk_size is None or chunk_size >= targets.shape[1]:
-        return _logp_entropy_dense(logits, targets)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _map_over_time_chunks(_logp_entropy_dense, logits, targets, chunk_size)
-
-
-def token_logprobs_and_entropy_from_hidden(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
-                                           targets: jax.Array,
-                                           chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    """As `token_logprobs_and_entropy`, from final hidden states [B, T, H] and an LM-head function.
-
-    With `chunk_size`, the full [B, T, V] logits never exist: each chunk's logits are computed, reduced and
-    dropped, and (via jax.checkpoint) recomputed chunk by chunk in the backward pass. `logits_fn` maps
-    [B, c, H] -> [B, c, V] (e.g. `model.logits_from_hidden`).
-    """
-    chex.assert_rank([hidden, targets], [3, 2])
-    chex.assert_equal_shape_prefix([hidden, targets], 2)
-
-    def chunk_fn(h: jax.Array, tgt: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _logp_entropy_dense(logits_fn(h), tgt)
-
-    if chunk_size is None or chunk_size >= targets.shape[1]:
-        return chunk_fn(hidden, targets)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _map_over_time_chunks(jax.checkpoint(chunk_fn), hidden, targets, chunk_size)
+    chex.assert_equal_shape_prefix([logits, targets], targets.ndim)
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    p = jnp.exp(logp_all)
+    if masked_vocab:
+        entropy = -jnp.sum(jnp.where(p > 0, p * logp_all, 0.0), axis=-1)
+    else:
+        entropy = -jnp.sum(p * logp_all, axis=-1)
+    return logp, entropy
 
 
 # --------------------------------------------------------------------------- aggregation

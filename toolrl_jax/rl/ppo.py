@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from toolrl_jax.config_checks import option
 from toolrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, aggregate, kl_estimate, policy_loss, value_loss
 
 
@@ -21,21 +22,25 @@ from toolrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, aggregate, kl_estimat
 class PolicyLossConfig:
     """PPO-clip actor objective. Defaults are ToolRL's GRPO recipe (clip 0.2, entropy bonus 0.001, KL loss off)."""
 
-    clip_eps: float = 0.2
-    clip_eps_high: Optional[float] = None  # None = symmetric clipping
-    dual_clip_c: Optional[float] = None  # e.g. 3.0 enables dual-clip PPO; off by default
-    entropy_coef: float = 0.001
-    kl_loss_coef: float = 0.0  # > 0 adds a KL-to-reference loss term (needs ref log-probs)
-    kl_loss_type: str = "k3"
-    # How token losses become the mini-batch loss (`losses.aggregate`): token-mean (ToolRL), seq-mean-token-mean,
-    # seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO) or verl (the original trainer's gradient scale).
-    agg_mode: str = "token-mean"
-    # seq-mean-token-sum-norm's constant (None: the trainer's response budget, max_response_length).
-    norm_length: Optional[int] = None
-    # verl mode: the original's gradient-accumulation divisor, its mini-batch / micro-batch size ratio times the
-    # data-parallel ranks whose gradients are averaged (ToolRL recipe: 2 x 2 = 4); None = the number of micro-batches
-    # an update is cut into (each micro-batch's token mean, averaged).
-    accumulation_divisor: Optional[int] = None
+    clip_eps: float = option(0.2, "PPO clip epsilon.", flag="clip_ratio")
+    clip_eps_high: Optional[float] = option(None, "Separate upper clip epsilon, e.g. DAPO's clip-higher (default "
+                                                  "--clip_ratio).", flag="clip_ratio_high")
+    dual_clip_c: Optional[float] = option(None, "Dual-clip PPO: bound the loss of negative advantages at -A * c "
+                                                "(c > 1; default off).")
+    entropy_coef: float = option(0.001, "Entropy bonus coefficient.")
+    kl_loss_coef: float = option(0.0, "Coefficient of a KL-to-reference loss term (0 = off).")
+    kl_loss_type: str = option("k3", "KL estimator of the loss term.", choices=KL_ESTIMATORS)
+    agg_mode: str = option(
+        "token-mean", "How token losses become the mini-batch loss: token-mean (ToolRL; the global token mean), "
+                      "seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO: token sums over "
+                      "a constant, --loss_agg_norm_length) or verl (the original trainer's gradient scale: each "
+                      "micro-batch's token mean summed, over --verl_accumulation_divisor; docs/fidelity.md).",
+        choices=AGG_MODES, flag="loss_agg")
+    norm_length: Optional[int] = option(None, "--loss_agg=seq-mean-token-sum-norm: the constant length (default "
+                                              "--max_response_length).", flag="loss_agg_norm_length")
+    accumulation_divisor: Optional[int] = option(
+        None, "--loss_agg=verl: the original's gradient-accumulation divisor x data-parallel ranks (ToolRL recipe on "
+              "2 GPUs: 4); default: the number of micro-batches per update.", flag="verl_accumulation_divisor")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_eps < 1.0:
@@ -51,10 +56,13 @@ class PolicyLossConfig:
         if not (self.kl_loss_coef >= 0 and self.entropy_coef >= 0) or math.isinf(self.kl_loss_coef + self.entropy_coef):
             raise ValueError(f"PolicyLossConfig: kl_loss_coef and entropy_coef must be finite and >= 0, got "
                              f"{self.kl_loss_coef} and {self.entropy_coef}")
-        for name in ("norm_length", "accumulation_divisor"):
+        for name, mode in (("norm_length", "seq-mean-token-sum-norm"), ("accumulation_divisor", "verl")):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"PolicyLossConfig.{name} must be >= 1 or None, got {value}")
+            if value is not None and self.agg_mode != mode:
+                raise ValueError(f"PolicyLossConfig.{name} is only used with agg_mode={mode!r}, not "
+                                 f"{self.agg_mode!r}")
 
 
 VALUE_AGG_MODES = ("token-mean", "seq-mean-token-mean")  # the critic's (its accumulation uses the global counts)
@@ -64,7 +72,7 @@ VALUE_AGG_MODES = ("token-mean", "seq-mean-token-mean")  # the critic's (its acc
 class ValueLossConfig:
     """Clipped critic objective (ToolRL's PPO baseline: value clip 0.5, loss scaled by 0.5)."""
 
-    cliprange_value: float = 0.5
+    cliprange_value: float = option(0.5, "PPO value-function clip range around the old values.", flag="value_clip")
     agg_mode: str = "token-mean"
 
     def __post_init__(self) -> None:

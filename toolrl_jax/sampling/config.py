@@ -35,13 +35,13 @@ class SamplingConfig:
     top_p: nucleus mass in (0, 1]; 1 disables it (and the vocabulary sort it needs).
     top_k: keep the k most likely tokens; 0 disables it.
     max_new_tokens: response budget R (the stop token counts towards it).
-    num_samples: responses per prompt (the GRPO group size); the prompt is prefilled once and its KV cache copied.
+    group_size: responses per prompt (the GRPO group size); the prompt is prefilled once and its KV cache copied.
     stop_token_ids: ids that end a response (kept in it, with mask 1); None means the Sampler's default ids.
     ignore_stop: keep generating through stop tokens (benchmarks that force exactly max_new_tokens).
     tempered_logprobs: also return log-probs under the filtered, tempered distribution that was sampled from.
     prompt_length_buckets: allowed padded prompt lengths; None means powers of two >= min_prompt_bucket.
     batch_buckets: allowed padded prompt counts per device call, the largest being the chunk size; None means
-      powers of two up to max_prompts_per_batch. Each call decodes bucket * num_samples rows.
+      powers of two up to max_prompts_per_batch. Each call decodes bucket * group_size rows.
     prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens (a loop over the KV
       cache), bounding the [batch, heads, chunk, prompt] attention scores; padded prompt lengths above it must be
       multiples of it. None prefills in one pass.
@@ -51,7 +51,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    num_samples: int = 1
+    group_size: int = 1
     stop_token_ids: Optional[tuple[int, ...]] = None
     ignore_stop: bool = False
     tempered_logprobs: bool = False
@@ -70,7 +70,7 @@ class SamplingConfig:
         p = float(self.top_p)
         if not (0.0 < p <= 1.0):
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {p}")
-        for name, lo in (("top_k", 0), ("max_new_tokens", 1), ("num_samples", 1), ("min_prompt_bucket", 1),
+        for name, lo in (("top_k", 0), ("max_new_tokens", 1), ("group_size", 1), ("min_prompt_bucket", 1),
                          ("max_prompts_per_batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < lo:

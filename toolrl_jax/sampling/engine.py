@@ -25,7 +25,7 @@ class DecodeSpec:
     """Static (compile-time) description of one generate call; every distinct value compiles once."""
 
     max_new_tokens: int
-    num_samples: int
+    group_size: int
     greedy: bool
     top_k: int
     use_top_p: bool
@@ -73,11 +73,11 @@ def _constrain(x: jax.Array, sharding: Optional[BatchSharding]) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding.batch(x.ndim))
 
 
-def expand_cache(cache: KVCache, num_samples: int, extra_slots: int) -> KVCache:
-    """Repeats every row `num_samples` times (row b -> rows b*n .. b*n+n-1) and appends `extra_slots` empty slots."""
+def expand_cache(cache: KVCache, group_size: int, extra_slots: int) -> KVCache:
+    """Repeats every row `group_size` times (row b -> rows b*n .. b*n+n-1) and appends `extra_slots` empty slots."""
 
     def grow(x: jax.Array) -> jax.Array:
-        x = jnp.repeat(x, num_samples, axis=0) if num_samples > 1 else x
+        x = jnp.repeat(x, group_size, axis=0) if group_size > 1 else x
         pad = [(0, 0)] * x.ndim
         pad[1] = (0, extra_slots)
         return jnp.pad(x, pad)
@@ -86,14 +86,14 @@ def expand_cache(cache: KVCache, num_samples: int, extra_slots: int) -> KVCache:
                    segment_ids=grow(cache.segment_ids), index=cache.index)
 
 
-def row_keys(key: jax.Array, prompt_index: jax.Array, num_samples: int) -> jax.Array:
+def row_keys(key: jax.Array, prompt_index: jax.Array, group_size: int) -> jax.Array:
     """One key per output row, derived from (call key, global prompt index, sample number).
 
     Rows therefore draw independent streams, and a row's samples do not depend on how prompts were chunked,
     padded or bucketed.
     """
-    sample = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), prompt_index.shape[0])
-    prompt = jnp.repeat(prompt_index.astype(jnp.int32), num_samples)
+    sample = jnp.tile(jnp.arange(group_size, dtype=jnp.int32), prompt_index.shape[0])
+    prompt = jnp.repeat(prompt_index.astype(jnp.int32), group_size)
     per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, prompt)
     return jax.vmap(jax.random.fold_in)(per_prompt, sample)
 
@@ -131,7 +131,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
                     prompt_index: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                     spec: DecodeSpec, sharding: Optional[BatchSharding] = None,
                     on_trace: Optional[Callable[[tuple], None]] = None) -> dict[str, jax.Array]:
-    """Samples `spec.num_samples` responses for each of B left-padded prompts.
+    """Samples `spec.group_size` responses for each of B left-padded prompts.
 
     prompt_ids/prompt_segments: [B, P] int32 (segment 0 = padding, on the left); prompt_index: [B] global prompt
     numbers (seed the per-row keys); key: a PRNG key. Returns arrays with B*n rows, prompt-major:
@@ -146,7 +146,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     chex.assert_equal(prompt_index.shape[0], prompt_ids.shape[0])
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
-    n, budget = spec.num_samples, spec.max_new_tokens
+    n, budget = spec.group_size, spec.max_new_tokens
     rows = batch * n
 
     # Prefill each prompt once (in chunks when long); only the last position's logits are formed (left padding puts

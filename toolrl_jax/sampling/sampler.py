@@ -27,7 +27,7 @@ DEFAULT_BATCH_AXES = ("data", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
-    """Sampled responses, numpy, N = num_prompts * num_samples rows, prompt-major (prompt i -> rows i*n..i*n+n-1).
+    """Sampled responses, numpy, N = num_prompts * group_size rows, prompt-major (prompt i -> rows i*n..i*n+n-1).
 
     prompt_ids [N, P] int32 left-padded with pad_id; prompt_mask [N, P] int32 (1 = real token);
     response_ids [N, R] int32 (pad_id after the stop token); response_mask [N, R] int32 (1 for generated tokens
@@ -45,7 +45,7 @@ class SampleOutput:
     logprobs: np.ndarray
     lengths: np.ndarray
     stopped: np.ndarray
-    num_samples: int
+    group_size: int
     tempered_logprobs: Optional[np.ndarray] = None
     texts: Optional[list[str]] = None
 
@@ -55,7 +55,7 @@ class SampleOutput:
     @property
     def prompt_index(self) -> np.ndarray:
         """[N] index of the prompt each row answers."""
-        return np.arange(len(self)) // self.num_samples
+        return np.arange(len(self)) // self.group_size
 
     @property
     def sequence_ids(self) -> np.ndarray:
@@ -194,11 +194,11 @@ class Sampler:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
                  key: jax.Array | int) -> SampleOutput:
-        """Samples config.num_samples responses for every prompt (token id lists, unpadded)."""
+        """Samples config.group_size responses for every prompt (token id lists, unpadded)."""
         prompts = self._validate(prompt_ids, config)
         key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
         stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
-        spec = DecodeSpec(max_new_tokens=config.max_new_tokens, num_samples=config.num_samples, greedy=config.greedy,
+        spec = DecodeSpec(max_new_tokens=config.max_new_tokens, group_size=config.group_size, greedy=config.greedy,
                           top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
                           ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
                           pad_id=self.pad_id, cache_dtype=self.cache_dtype, prefill_chunk=config.prefill_chunk)
@@ -225,7 +225,7 @@ class Sampler:
         return self._collect(pending, config, stop_ids)
 
     def _collect(self, pending: list, config: SamplingConfig, stop_ids: tuple[int, ...]) -> SampleOutput:
-        n = config.num_samples
+        n = config.group_size
         width = max(w for _, w, _ in pending)
         parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         prompt_rows = []
@@ -253,5 +253,5 @@ class Sampler:
             prompt_ids=np.repeat(prompt_ids, n, axis=0), prompt_mask=np.repeat(prompt_mask, n, axis=0),
             response_ids=got["tokens"].astype(np.int32), response_mask=response_mask,
             logprobs=got["logprobs"].astype(np.float32), lengths=lengths, stopped=got["stopped"].astype(bool),
-            num_samples=n, tempered_logprobs=got.get("tempered_logprobs"),
+            group_size=n, tempered_logprobs=got.get("tempered_logprobs"),
             texts=texts)

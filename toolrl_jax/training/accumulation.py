@@ -5,7 +5,7 @@ gradients is exactly the gradient of the token mean over the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +29,3 @@ def accumulate_gradients(grads_fn: Callable[[Any, Any], tuple[Any, Any]], params
         return jax.tree.map(jnp.add, acc, g), outputs
 
     return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), batch)
-
-
-def place_stacked(place: Callable[[dict], Any], micro_batches: Sequence[Mapping[str, Any]]) -> dict:
-    """Puts micro-batches [micro_rows, ...] on the devices with `place`, a placement of [rows, ...] batches (e.g. rows
-    split over the data-parallel devices), and stacks them there into [num_micro, micro_rows, ...].
-
-    Placing a host-stacked batch directly would split the micro-batch axis across devices (and fail when it does not
-    divide); the scan in `accumulate_gradients` needs every micro-batch's rows split instead.
-    """
-    placed = [place(dict(m)) for m in micro_batches]
-    return {k: jnp.stack([p[k] for p in placed]) for k in placed[0]}

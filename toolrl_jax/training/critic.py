@@ -6,7 +6,7 @@ beta * (logp_old - logp_ref) on every token when the KL is folded into the rewar
 advantages whitened over the batch's response tokens; clipped value loss (cliprange 0.5, factor 0.5); AdamW lr 1e-5;
 the critic is updated on the same mini-batches as the actor.
 
-Jitted pure functions of explicit pytrees, mirroring the actor's in `grpo.py`:
+Jitted pure functions of explicit pytrees, mirroring the actor's in `actor.py`:
   * `make_value_fn(graphdef)`: (state, rows) -> values [N, R] of the states the response tokens are sampled from,
   * `make_critic_update_fn(...)`: (params, opt_state, frozen, minibatch [num_micro, micro_rows, ...]) -> one AdamW
     update whose micro-batch gradients sum (lax.scan) to the exact token mean over the whole mini-batch.
@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toolrl_jax.config_checks import requirement_checker
+from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.placement import Placement
 from toolrl_jax.rl.advantages import gae_advantages_and_returns, token_level_rewards
 from toolrl_jax.rl.masked import masked_mean, masked_var
 from toolrl_jax.rl.ppo import ValueLossConfig, count_normalizers, critic_loss
-from toolrl_jax.training.accumulation import accumulate_gradients, place_stacked
+from toolrl_jax.training.accumulation import accumulate_gradients
 from toolrl_jax.training.trainable import count_params, trainable_filter
 
 # `rl.losses.value_loss` returns 0.5 * agg(max((v - R)^2, (v_clip - R)^2)); CriticConfig.value_loss_coef is the total
@@ -55,11 +56,11 @@ class CriticConfig:
 
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
     value: ValueLossConfig = ValueLossConfig(cliprange_value=0.5)
-    value_loss_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten_advantages: bool = True
-    value_head_init_std: float = 0.0
+    value_loss_coef: float = option(0.5, "PPO: weight of the clipped squared value error (veRL: 0.5).")
+    gamma: float = option(1.0, "PPO discount.", flag="gae_gamma")
+    lam: float = option(1.0, "PPO GAE lambda.", flag="gae_lambda")
+    whiten_advantages: bool = option(True, "PPO: whiten advantages over the batch's response tokens.")
+    value_head_init_std: float = option(0.0, "PPO: std of the value head's initial kernel (0 = zeros).")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,15 +221,6 @@ def _ppo_advantages_jit(outcome, mask, values, old_logp, ref_logp, kl_coef, gamm
     return ppo_advantages(outcome, mask, values, old_logp, ref_logp, kl_coef, gamma=gamma, lam=lam, whiten=whiten)
 
 
-@functools.lru_cache(maxsize=4)
-def _unsharded_fns(graphdef: nnx.GraphDef, optimizer_config: OptimizerConfig, value_config: ValueLossConfig,
-                   value_loss_coef: float):
-    """(value fn, update fn) without a mesh, shared by critics of the same model and settings (a resumed run or a
-    second trainer reuses the compiled executables)."""
-    return (make_value_fn(graphdef), make_critic_update_fn(graphdef, make_optimizer(optimizer_config),
-                                                           optimizer_config, value_config, value_loss_coef))
-
-
 # ---------------------------------------------------------------------------- the holder a trainer plugs in
 def backbone_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
     """nnx filter of the critic's trainable parameters: the value head always, plus backbone parameters whose path
@@ -248,31 +240,22 @@ class Critic:
     """
 
     def __init__(self, policy: CausalLM, config: CriticConfig = CriticConfig(), *,
-                 trainable_regex: Optional[str] = None, shardings_fn: Optional[Callable[[Any], Any]] = None,
-                 place_batch: Optional[Callable[[dict], dict]] = None):
+                 trainable_regex: Optional[str] = None, placement: Placement = Placement(),
+                 total_updates: Optional[int] = None):
         """policy: the initial policy (its weights are copied). trainable_regex: as the actor's (paths relative to
-        the transformer), the value head always trains. shardings_fn: state pytree -> shardings (None = one device).
-        place_batch: host batch -> device batch (e.g. sharded along rows)."""
+        the transformer), the value head always trains. placement: where the critic's arrays live. total_updates:
+        the run's updates (for a decaying learning-rate schedule)."""
         self.config = config
+        self.placement = placement
         model = ValueModel.from_policy(policy, nnx.Rngs(config.seed), head_init_std=config.value_head_init_std)
         self.graphdef, params, frozen = nnx.split(model, backbone_filter(trainable_regex), ...)
-        self.optimizer = make_optimizer(config.optimizer)
-        param_shardings = opt_shardings = None
-        if shardings_fn is not None:
-            param_shardings = shardings_fn(params)
-            opt_shardings = shardings_fn(jax.eval_shape(self.optimizer.init, params))
-            params = jax.device_put(params, param_shardings)
-            frozen = jax.device_put(frozen, shardings_fn(frozen))
-        self.params, self.frozen = params, frozen
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
-        if shardings_fn is None:
-            self.value_fn, self.update_fn = _unsharded_fns(self.graphdef, config.optimizer, config.value,
-                                                           config.value_loss_coef)
-        else:
-            self.value_fn = make_value_fn(self.graphdef)
-            self.update_fn = make_critic_update_fn(self.graphdef, self.optimizer, config.optimizer, config.value,
-                                                   config.value_loss_coef, param_shardings, opt_shardings)
-        self.place = place_batch or (lambda b: b)
+        self.optimizer = make_optimizer(config.optimizer, total_updates)
+        self.params, self.frozen = placement.place_state(params), placement.place_state(frozen)
+        self.opt_state = placement.init_opt_state(self.optimizer, self.params)
+        self.value_fn = make_value_fn(self.graphdef)
+        self.update_fn = make_critic_update_fn(self.graphdef, self.optimizer, config.optimizer, config.value,
+                                               config.value_loss_coef, placement.state_shardings(self.params),
+                                               placement.state_shardings(self.opt_state))
 
     @property
     def num_trainable(self) -> int:
@@ -281,15 +264,13 @@ class Critic:
     def model(self) -> ValueModel:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
-    def values(self, rows: Mapping[str, np.ndarray], micro_rows: int,
-               place: Optional[Callable[[dict], dict]] = None) -> np.ndarray:
+    def values(self, rows: Mapping[str, np.ndarray], micro_rows: int) -> np.ndarray:
         """Values [N, R] float32 of every row, micro_rows rows at a time (bounded activation memory)."""
-        place = place or self.place
         n = rows["input_ids"].shape[0]
         out = []
         for start in range(0, n, micro_rows):
-            chunk = place({k: rows[k][start:start + micro_rows] for k in VALUE_KEYS})
-            out.append(np.asarray(jax.device_get(self.value_fn((self.params, self.frozen), chunk))))
+            chunk = self.placement.place_rows({k: rows[k][start:start + micro_rows] for k in VALUE_KEYS})
+            out.append(np.asarray(self.placement.fetch(self.value_fn((self.params, self.frozen), chunk))))
         return np.concatenate(out).astype(np.float32)
 
     def advantages(self, outcome: Any, mask: Any, values: Any, old_logp: Any = None, ref_logp: Any = None,
@@ -313,7 +294,7 @@ class Critic:
         if missing:
             raise KeyError(f"Critic.update: mini-batch lacks {missing}")
         num_micro = minibatch[UPDATE_KEYS[0]].shape[0]
-        mb = place_stacked(self.place, [{k: minibatch[k][i] for k in UPDATE_KEYS} for i in range(num_micro)])
+        mb = self.placement.place_stacked([{k: minibatch[k][i] for k in UPDATE_KEYS} for i in range(num_micro)])
         self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, self.frozen, mb)
         return metrics
 

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from toolrl_jax.models.decoder import positions_from_segments
+from toolrl_jax.rl.losses import token_logprobs_and_entropy
 
 Batch = Mapping[str, jax.Array]
 
@@ -60,14 +61,6 @@ def map_position_chunks(fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, ..
     return tuple(jnp.swapaxes(o, 0, 1).reshape(b, n * chunk_size)[:, :t] for o in outs)
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(target) and the entropy of each float32 distribution. logits [..., V], targets [...]."""
-    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
-
-
 def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, temperature: float = 1.0,
                       logits_chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Per-token log-prob of each response token and the policy entropy there, both [N, R] float32.
@@ -87,54 +80,6 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, temp
         logits = model.logits_from_hidden(h)
         if temperature != 1.0:
             logits = logits / temperature
-        return token_logprobs(logits, targets)
+        return token_logprobs_and_entropy(logits, targets)
 
     return map_position_chunks(head, hidden, batch["response_ids"], logits_chunk_size)
-
-
-JOINED_KEYS = ("input_ids", "segment_ids", "positions")  # [N, P+R]; every other row array is [N, R]
-
-
-def row_extents(rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Real prompt and response lengths [N] of joined rows (prompt left-padded, response right-padded)."""
-    r = rows["response_ids"].shape[-1]
-    segments = np.asarray(rows["segment_ids"])
-    prompt = segments[..., :segments.shape[-1] - r].astype(bool).sum(-1)
-    response = np.asarray(rows["response_mask"]).astype(bool).sum(-1)
-    return prompt, response
-
-
-def length_order(prompt_len: np.ndarray, response_len: np.ndarray, prompt_width: Optional[np.ndarray] = None
-                 ) -> np.ndarray:
-    """Row indices shortest first: by padded prompt width when given (rows of one prompt bucket stay together), then
-    response length, then prompt length. Fixed-size chunks of consecutive rows then share both widths as far as
-    possible, so each carries little padding once cut with `trim_rows` (experiments/bench_padding.py measures it)."""
-    keys = (prompt_len, response_len) if prompt_width is None else (prompt_len, response_len, prompt_width)
-    return np.lexsort(keys)
-
-
-def rows_by_length(rows: Mapping[str, np.ndarray]) -> np.ndarray:
-    """`length_order` of joined rows by their real lengths."""
-    return length_order(*row_extents(rows))
-
-
-def trim_rows(rows: Mapping[str, np.ndarray], prompt_width: int, response_width: int) -> dict[str, np.ndarray]:
-    """Keeps the last `prompt_width` prompt columns and the first `response_width` response columns of joined rows
-    (any leading axes). Only padding may be cut: the log-probs, values and losses of the kept tokens are those of
-    the full rows, at the cost of the cut columns only (causal attention never looks right, and left padding is
-    masked and positions count real tokens)."""
-    r = rows["response_ids"].shape[-1]
-    p = rows["input_ids"].shape[-1] - r
-    prompt_len, response_len = row_extents(rows)
-    if not (1 <= prompt_width <= p and 1 <= response_width <= r):
-        raise ValueError(f"trim_rows: widths ({prompt_width}, {response_width}) outside the rows' ({p}, {r})")
-    if prompt_len.max(initial=0) > prompt_width or response_len.max(initial=0) > response_width:
-        raise ValueError(f"trim_rows: cutting to ({prompt_width}, {response_width}) would drop tokens (longest "
-                         f"prompt {prompt_len.max()}, response {response_len.max()})")
-    out = {}
-    for key, value in rows.items():
-        if key in JOINED_KEYS:
-            out[key] = value[..., p - prompt_width:p + response_width]
-        else:
-            out[key] = value[..., :response_width]
-    return out

@@ -28,14 +28,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from toolrl_jax.config_checks import requirement_checker
+from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.optim import SCHEDULES, DivergenceGuard, OptimizerConfig, apply_gradients, make_optimizer
+from toolrl_jax.placement import Placement
 from toolrl_jax.training.accumulation import accumulate_gradients
+from toolrl_jax.training.loop import StepOutput, StepRecord, TrainLoop
 from toolrl_jax.training.sequences import map_position_chunks
-from toolrl_jax.training.sft_data import (SFTBatch, SFTBatchingConfig, SFTDataset, SFTEncoder, SFTSequence,
-                                          TokenizeReport, tokenize_examples)
+from toolrl_jax.training.sft_data import (
+    SFTBatch,
+    SFTBatchingConfig,
+    SFTDataset,
+    SFTEncoder,
+    SFTSequence,
+    TokenizeReport,
+    tokenize_examples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,33 +68,42 @@ class SFTConfig:
     remat: None keeps the model's setting; True/False overrides `ModelConfig.remat` for training.
     """
 
-    learning_rate: float = 5e-5
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.1
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0
-    max_consecutive_skips: int = 3  # updates with non-finite gradients in a row that stop the run
-    epochs: Optional[int] = 3
-    max_steps: Optional[int] = None
-    batch_size: int = 32
-    micro_batch_size: int = 4
-    max_length: int = 2048
-    max_prompt_length: Optional[int] = None
-    packing: bool = True
+    learning_rate: float = option(5e-5, "Peak learning rate.", flag="lr")
+    lr_schedule: str = option("cosine", "Learning-rate schedule.", choices=SCHEDULES)
+    warmup_ratio: float = option(0.1, "Linear warm-up as a fraction of the run's steps (when --warmup_steps=0).")
+    warmup_steps: int = option(0, "Linear warm-up optimizer steps (0: use --warmup_ratio).")
+    min_lr_ratio: float = option(0.0, "Final learning rate of the linear/cosine decay, as a fraction of --lr.")
+    weight_decay: float = option(0.0, "AdamW (decoupled) weight decay.")
+    b1: float = option(0.9, "AdamW beta1.", flag="adam_b1")
+    b2: float = option(0.999, "AdamW beta2.", flag="adam_b2")
+    eps: float = option(1e-8, "AdamW epsilon.", flag="adam_eps")
+    max_grad_norm: Optional[float] = option(1.0, "Global gradient-norm clip (0 = off).", zero_is_none=True)
+    max_consecutive_skips: int = option(3, "Updates with non-finite gradients in a row that stop the run.",
+                                        flag="max_consecutive_skipped_updates")
+    epochs: Optional[int] = option(3, "Passes over the training data (0 = no limit; then --max_steps decides).",
+                                   zero_is_none=True)
+    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps (0 = no limit; epochs decide).",
+                                      zero_is_none=True)
+    batch_size: int = option(32, "Examples per optimizer step (packed or not).")
+    micro_batch_size: int = option(4, "Rows per gradient-accumulation micro-batch.")
+    max_length: int = option(2048, "Tokens per row (prompt + assistant turn). Prompts are cut from the left to fit "
+                                   "(and to --max_prompt_length); examples whose assistant turn does not fit are "
+                                   "dropped.")
+    max_prompt_length: Optional[int] = None  # the shared --max_prompt_length flag
+    packing: bool = option(True, "Pack several examples per row (segment ids); false: one example per row, "
+                                 "length-bucketed.")
     bucket_lengths: Optional[tuple[int, ...]] = None
     sort_window: int = 16
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0
-    eval_batch_size: int = 8
-    eval_accuracy: bool = False
-    eval_max_new_tokens: int = 512
-    logits_chunk_size: Optional[int] = 512
+    seed: int = 0  # the shared --seed flag
+    log_every: int = option(1, "Write metrics every N steps.")
+    eval_every: int = option(0, "Evaluate on the held-out data every N steps (0 = only before and after training).")
+    eval_batch_size: int = option(8, "Examples per evaluation batch.")
+    eval_accuracy: bool = option(False, "Also decode the held-out prompts greedily and report exact-match accuracy "
+                                        "and the ToolRL reward's format score and call-list accuracy.")
+    eval_max_new_tokens: int = option(512, "Token budget of the greedy evaluation responses.")
+    logits_chunk_size: Optional[int] = option(
+        512, "Positions per chunk of the vocabulary projection in the loss (bounds logits memory; 0 = whole rows at "
+             "once).", zero_is_none=True)
     remat: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -108,6 +126,10 @@ class SFTConfig:
         need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
         need(self.logits_chunk_size is None or self.logits_chunk_size >= 1, "logits_chunk_size must be >= 1")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None")
+        try:  # the optimizer's own checks (finite values, betas, ...) before any model loads
+            self.optimizer_config(max(2, self.max_steps or 2))
+        except ValueError as e:
+            raise ValueError(f"SFTConfig: {e}") from None
 
     def batching(self, pad_id: int, *, evaluation: bool = False) -> SFTBatchingConfig:
         """Batch layout of the training data (or, with `evaluation`, of the held-out data: fixed order)."""
@@ -134,8 +156,8 @@ class SFTConfig:
             warmup = min(warmup, total_steps - 1)
         return OptimizerConfig(learning_rate=self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
                                weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                               schedule=self.lr_schedule, warmup_steps=max(warmup, 0), total_steps=total_steps,
-                               min_lr_ratio=self.min_lr_ratio, max_consecutive_skips=self.max_consecutive_skips)
+                               schedule=self.lr_schedule, warmup_steps=max(warmup, 0), min_lr_ratio=self.min_lr_ratio,
+                               max_consecutive_skips=self.max_consecutive_skips)
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -201,14 +223,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimiz
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-@functools.lru_cache(maxsize=4)
-def _unsharded_steps(graphdef: nnx.GraphDef, optimizer_config: OptimizerConfig, chunk_size: Optional[int]):
-    """(train step, eval step) without a mesh, shared by trainers of the same model and settings (a GRPO warm-up
-    or a resumed run then reuses the compiled executables instead of compiling again)."""
-    return (make_train_step(graphdef, make_optimizer(optimizer_config), optimizer_config, chunk_size),
-            make_eval_step(graphdef, chunk_size))
-
-
 def make_eval_step(graphdef: nnx.GraphDef, chunk_size: Optional[int] = None):
     """jit(params, batch) -> (weighted NLL sum, argmax hits, target-token count) of a [num_micro, micro, T] batch."""
 
@@ -241,10 +255,10 @@ class SFTTrainer:
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, examples: Sequence[ToolRLExample], config: SFTConfig, *,
-                 eval_examples: Sequence[ToolRLExample] = (), mesh: Any = None):
+                 eval_examples: Sequence[ToolRLExample] = (), placement: Placement = Placement()):
         self.config = config
         self.tokenizer = tokenizer
-        self.mesh = mesh
+        self.placement = placement
         model_config = self.model_config = model.config
         self.pad_id = _pad_id(tokenizer, model_config)
         encoder = SFTEncoder(tokenizer)
@@ -270,7 +284,7 @@ class SFTTrainer:
                 self.eval_data = SFTDataset(self.eval_sequences, config.batching(self.pad_id, evaluation=True))
         self.total_steps = config.total_steps(self.data.batches_per_epoch)
         self.optimizer_config = config.optimizer_config(self.total_steps)
-        self.optimizer = make_optimizer(self.optimizer_config)
+        self.optimizer = make_optimizer(self.optimizer_config, self.total_steps)
 
         # The returned model keeps the caller's config; training may override remat.
         self._export_graphdef, params = nnx.split(model)
@@ -280,28 +294,15 @@ class SFTTrainer:
             self.graphdef, params = nnx.split(train_model)
         else:
             self.graphdef = self._export_graphdef
-        self._param_shardings = self._opt_shardings = self._batch_sharding = None
-        if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            from toolrl_jax.sharding import BATCH_SPEC, param_shardings
-            dp = int(np.prod([mesh.shape[a] for a in BATCH_SPEC[0] if a in mesh.shape]))
-            if config.micro_batch_size % dp:
-                raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of the mesh's "
-                                 f"data-parallel size (data x fsdp = {dp})")
-            self._param_shardings = param_shardings(params, mesh)
-            params = jax.device_put(params, self._param_shardings)
-            self._opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, params), mesh)
-            self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, *BATCH_SPEC))
-        self.params = params
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings)(params)
-        if mesh is None:
-            self._train_step, self._eval_step = _unsharded_steps(self.graphdef, self.optimizer_config,
-                                                                 config.logits_chunk_size)
-        else:
-            self._train_step = make_train_step(self.graphdef, self.optimizer, self.optimizer_config,
-                                               config.logits_chunk_size, self._param_shardings, self._opt_shardings)
-            self._eval_step = make_eval_step(self.graphdef, config.logits_chunk_size)
+        if config.micro_batch_size % placement.rows_multiple:
+            raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of the mesh's "
+                             f"data-parallel size (data x fsdp = {placement.rows_multiple})")
+        self.params = placement.place_state(params)
+        self.opt_state = placement.init_opt_state(self.optimizer, self.params)
+        self._train_step = make_train_step(self.graphdef, self.optimizer, self.optimizer_config,
+                                           config.logits_chunk_size, placement.state_shardings(self.params),
+                                           placement.state_shardings(self.opt_state))
+        self._eval_step = make_eval_step(self.graphdef, config.logits_chunk_size)
         self._sampler = None
         self.step = 0
 
@@ -314,32 +315,43 @@ class SFTTrainer:
         return nnx.merge(self._export_graphdef, self.params)
 
     def place(self, batch: SFTBatch) -> Batch:
-        """Host arrays -> device arrays (rows split over the mesh's data axes when there is a mesh)."""
-        arrays = batch.arrays()
-        if self._batch_sharding is None:
-            return {k: jnp.asarray(v) for k, v in arrays.items()}
-        sharding = self._batch_sharding
-        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                for k, v in arrays.items()}
+        """Host arrays [num_micro, micro, T] -> device arrays (each micro-batch's rows split over the data-parallel
+        devices under a mesh)."""
+        return self.placement.place_rows(batch.arrays(), row_axis=1)
 
-    def restore(self, checkpointer: Any, step: Optional[int] = None) -> int:
-        """Loads the newest complete checkpoint (or `step`) when there is one; returns the step trained so far."""
-        if step is None and checkpointer.latest_step() is None:
-            return self.step
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                self.train_state())
-        restored = checkpointer.restore(abstract, step=step)
-        self.params, self.opt_state = restored.state["params"], restored.state["opt_state"]
-        self.data.restore(restored.data_state)
-        self.step = int(restored.step)
-        logger.info("sft: resumed from step %d of %d (epoch %.2f)", self.step, self.total_steps,
-                    self.data.epochs_done)
-        return self.step
+    def load_train_state(self, state: Any, step: int) -> None:
+        self.params, self.opt_state, self.step = state["params"], state["opt_state"], int(step)
+
+    def _loop(self, checkpointer: Any = None) -> TrainLoop:
+        metadata = {"sft_config": dataclasses.asdict(self.config), "total_steps": self.total_steps}
+        loop = TrainLoop(self._train_one, self.data, self.total_steps, state=self, checkpointer=checkpointer,
+                         defer_metrics=True, metadata=metadata)
+        loop.step = self.step
+        return loop
+
+    def restore(self, checkpointer: Any) -> int:
+        """Loads the newest checkpoint that restores, when there is one; returns the step trained so far."""
+        step = self._loop(checkpointer).restore()
+        if step:
+            logger.info("sft: resumed from step %d of %d (epoch %.2f)", step, self.total_steps,
+                        self.data.epochs_done)
+        return step
+
+    def _train_one(self, batch: SFTBatch, step: int) -> StepOutput:
+        self.params, self.opt_state, device_metrics = self._train_step(self.params, self.opt_state,
+                                                                       self.place(batch))
+        self.step = step
+        host = {"examples": batch.num_examples, "rows": batch.num_rows, "row_length": batch.input_ids.shape[-1],
+                "tokens": batch.num_tokens, "target_tokens": batch.num_target_tokens,
+                "padding_fraction": 1.0 - batch.num_tokens / (batch.num_rows * batch.input_ids.shape[-1]),
+                "epoch": self.data.epochs_done}
+        return StepOutput(device_metrics, extras=host)
 
     # ------------------------------------------------------------------ training
     def train(self, *, metrics: Any = None, checkpointer: Any = None,
               on_step: Optional[Callable[[int, dict], None]] = None) -> list[dict[str, Any]]:
-        """Runs from `self.step` to `total_steps`; returns one metrics dict per step trained here.
+        """Runs from `self.step` to `total_steps` (the shared `TrainLoop`); returns one metrics dict per step trained
+        here.
 
         metrics: a MetricsWriter (lines every `log_every` steps, and evaluation results); checkpointer: saves on
         its schedule and at the last step (params, optimizer state, data position); on_step(step, metrics) is
@@ -348,57 +360,37 @@ class SFTTrainer:
         cfg = self.config
         guard = DivergenceGuard(self.optimizer_config.max_consecutive_skips, "SFT")
         history: list[dict[str, Any]] = []
-        pending: Optional[tuple[int, dict, dict]] = None
         last_time = time.perf_counter()
 
-        def finish(step: int, device_metrics: dict, host: dict) -> None:
+        def finish(record: StepRecord) -> None:
             nonlocal last_time
-            values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            step, values, host = record.step, record.metrics, record.extras
             guard.observe(values, f"SFT step {step}")
             now = time.perf_counter()
             seconds, last_time = now - last_time, now
-            record = {"step": step, **values, **host, "time/step_s": seconds,
-                      "throughput/tokens_per_s": host["tokens"] / max(seconds, 1e-9),
-                      "throughput/target_tokens_per_s": host["target_tokens"] / max(seconds, 1e-9)}
+            row = {"step": step, **values, **host, "time/step_s": seconds,
+                   "throughput/tokens_per_s": host["tokens"] / max(seconds, 1e-9),
+                   "throughput/target_tokens_per_s": host["target_tokens"] / max(seconds, 1e-9)}
             if step % cfg.log_every == 0 or step == self.total_steps:
                 logger.info("sft step %d/%d loss=%.4f token_acc=%.3f grad_norm=%.3f lr=%.3g tokens/s=%.0f", step,
-                            self.total_steps, record["loss"], record["token_accuracy"], record["grad_norm"],
-                            record["lr"], record["throughput/tokens_per_s"])
+                            self.total_steps, row["loss"], row["token_accuracy"], row["grad_norm"], row["lr"],
+                            row["throughput/tokens_per_s"])
                 if metrics is not None:
-                    metrics.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in record.items()
+                    metrics.write(step, {f"train/{k}" if "/" not in k else k: v for k, v in row.items()
                                          if k != "step"})
-            history.append(record)
+            history.append(row)
             if on_step is not None:
-                on_step(step, record)
+                on_step(step, row)
 
-        while self.step < self.total_steps:
-            batch = self.data.next_batch()
-            step = self.step + 1
-            self.params, self.opt_state, device_metrics = self._train_step(self.params, self.opt_state,
-                                                                           self.place(batch))
-            self.step = step
-            host = {"examples": batch.num_examples, "rows": batch.num_rows, "row_length": batch.input_ids.shape[-1],
-                    "tokens": batch.num_tokens, "target_tokens": batch.num_target_tokens,
-                    "padding_fraction": 1.0 - batch.num_tokens / (batch.num_rows * batch.input_ids.shape[-1]),
-                    "epoch": self.data.epochs_done}
-            if pending is not None:
-                finish(*pending)
-            pending = (step, device_metrics, host)
-            if checkpointer is not None:
-                checkpointer.save(step, self.train_state(), data_state=self.data.state(),
-                                  metadata={"sft_config": dataclasses.asdict(cfg), "total_steps": self.total_steps},
-                                  force=step == self.total_steps)
-            if self.eval_data is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 \
-                    and step != self.total_steps:
-                finish(*pending)
-                pending = None
-                self._log_eval(step, metrics, history)
-        if pending is not None:
-            finish(*pending)
-        if self.eval_examples and history:
-            self._log_eval(self.step, metrics, history)
-        if checkpointer is not None:
-            checkpointer.wait_until_finished()
+        loop = self._loop(checkpointer)
+        loop.add_hook(finish)
+        if self.eval_data is not None and cfg.eval_every > 0:
+            loop.add_hook(lambda record: (None if record.step == self.total_steps
+                                          else self._log_eval(record.step, metrics, history)),
+                          every=cfg.eval_every, needs_state=True)
+        if self.eval_examples:
+            loop.add_hook(lambda step: history and self._log_eval(step, metrics, history), at="end")
+        loop.run()
         return history
 
     def _log_eval(self, step: int, metrics: Any, history: list[dict[str, Any]]) -> None:
@@ -430,12 +422,12 @@ class SFTTrainer:
     def greedy_accuracy(self) -> dict[str, float]:
         """Greedy responses to the held-out prompts scored by exact match and the ToolRL reward."""
         from toolrl_jax.rewards.batch import score_batch
-        from toolrl_jax.sampling import SamplingConfig, Sampler
+        from toolrl_jax.sampling import Sampler, SamplingConfig
         from toolrl_jax.tokenization import stop_token_ids
 
         if self._sampler is None:
             self._sampler = Sampler(self.model(), pad_id=self.pad_id, stop_token_ids=stop_token_ids(self.tokenizer),
-                                    tokenizer=self.tokenizer, mesh=self.mesh)
+                                    tokenizer=self.tokenizer, mesh=self.placement.mesh)
         self._sampler.update_params(self.params)
         prompts = [s.input_ids[:s.prompt_length].tolist() for s in self.eval_sequences]
         truths = [self.eval_examples[s.example_index].ground_truth for s in self.eval_sequences]
@@ -452,7 +444,7 @@ class SFTTrainer:
 
 
 def sft_train(model: CausalLM, tokenizer: Any, examples: Sequence[ToolRLExample], config: SFTConfig, *,
-              eval_examples: Sequence[ToolRLExample] = (), mesh: Any = None, metrics: Any = None,
+              eval_examples: Sequence[ToolRLExample] = (), placement: Placement = Placement(), metrics: Any = None,
               checkpointer: Any = None, on_step: Optional[Callable[[int, dict], None]] = None,
               resume: bool = True) -> tuple[CausalLM, list[dict[str, Any]]]:
     """Fine-tunes `model` on the assistant turns of `examples`; returns (trained model, per-step metrics).
@@ -460,7 +452,7 @@ def sft_train(model: CausalLM, tokenizer: Any, examples: Sequence[ToolRLExample]
     With a `checkpointer` that already holds a checkpoint and `resume`, training continues from it exactly
     (params, optimizer state, data position). The arrays of `model` are donated: use the returned model.
     """
-    trainer = SFTTrainer(model, tokenizer, examples, config, eval_examples=eval_examples, mesh=mesh)
+    trainer = SFTTrainer(model, tokenizer, examples, config, eval_examples=eval_examples, placement=placement)
     if checkpointer is not None and resume:
         trainer.restore(checkpointer)
     history = trainer.train(metrics=metrics, checkpointer=checkpointer, on_step=on_step)

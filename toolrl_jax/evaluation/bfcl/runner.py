@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from toolrl_jax.evaluation import prompts as P
-from toolrl_jax.evaluation.bfcl import aggregate, ast_checker, categories as cats, data, multi_turn
+from toolrl_jax.evaluation.bfcl import aggregate, ast_checker, data, multi_turn
+from toolrl_jax.evaluation.bfcl import categories as cats
 from toolrl_jax.evaluation.generator import GenerationLimits, Generator, generate_batched
 from toolrl_jax.evaluation.parsing import calls_to_python_list, parse_tool_calls
 from toolrl_jax.evaluation.records import RecordStore, write_jsonl

@@ -256,9 +256,9 @@ def layer_activation_bytes_per_token(config: ModelConfig, seq_len: int, tensor: 
 
     Compute dtype (c bytes): four hidden-size activations (norm outputs and residual-stream values), q, k, v, rope
     cos/sin, the attention output and the SwiGLU intermediates (gate, up, three from silu, their product); float32:
-    both norms' normalised activations and statistics. Attention with the XLA einsum path also keeps the [heads, seq_len] mask,
-    float32 scores and probabilities, their compute-dtype copy and softmax sums; cuDNN's fused kernel keeps only
-    the softmax statistics.
+    both norms' normalised activations and statistics. Attention with the XLA einsum path also keeps the
+    [heads, seq_len] mask, float32 scores and probabilities, their compute-dtype copy and softmax sums; cuDNN's fused
+    kernel keeps only the softmax statistics.
     """
     c = dtype_bytes(config.dtype)
     w = _dims(config, tensor)
@@ -384,7 +384,7 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
         problems.append(f"micro_batch_rows={setup.micro_batch_rows} is not a multiple of data*fsdp={dp}")
     if tensor > 1 and config.num_heads % tensor:
         problems.append(f"tensor={tensor} does not divide num_heads={config.num_heads}")
-    p, c = dtype_bytes(config.param_dtype), dtype_bytes(config.dtype)
+    c = dtype_bytes(config.dtype)
     n_dev = sharded_params(config, mesh)
     per_param = bytes_per_parameter(config, setup)
     state = {k: per_param[k] * n_dev for k in ("params", "adam_moments", "reference")}

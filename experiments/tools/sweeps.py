@@ -488,14 +488,6 @@ def write_flagfiles(planned: Sequence[PlannedRun], sweep_name: str, sweep_dir: s
     return written
 
 
-def manifest_run_names(sweep_dir: str | os.PathLike) -> Optional[list[str]]:
-    """Run names in the order the sweep wrote them, or None without a manifest."""
-    path = Path(sweep_dir) / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    return list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
-
-
 # ----------------------------------------------------------------------------------------------------- status
 
 

@@ -97,7 +97,8 @@ _KEYS = ("city", "date", "amount", "from", "to", "query", "page", "limit", "verb
 def synthetic_ground_truth(rng: random.Random) -> str:
     """A random ToolRL-style ground truth: 1-3 calls with 0-4 parameters (12% response-only)."""
     if rng.random() < 0.12:
-        return "<think> I should directly respond to the user's need. </think>\n<response> Please give the date. </response>"
+        return ("<think> I should directly respond to the user's need. </think>\n"
+                "<response> Please give the date. </response>")
     calls = []
     for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
         params = {k: rng.choice([rng.choice(_WORDS), rng.randint(0, 500), rng.random() < 0.5, "New York"])

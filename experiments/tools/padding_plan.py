@@ -24,7 +24,7 @@ import numpy as np
 
 from toolrl_jax.models.config import ModelConfig
 from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt_length_bucket
-from toolrl_jax.training.grpo import training_order, trimmed_widths
+from toolrl_jax.training.layout import training_order, trimmed_widths
 
 SCHEMES = ("none", "minibatch", "micro", "aligned")
 
