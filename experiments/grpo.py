@@ -9,6 +9,7 @@ position, PRNG). Metrics go to <run_dir>/metrics.jsonl and TensorBoard event fil
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -33,6 +34,8 @@ from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
 from toolrl_jax.run_identity import ResumeMismatchError
 from toolrl_jax.training.critic import CriticConfig
 from toolrl_jax.training.grpo import GRPOConfig
+from toolrl_jax.training.presets import ALGORITHM_PRESETS, preset_context, preset_fields
+from toolrl_jax.training.reward_shaping import check_component_weights
 from toolrl_jax.training.runs import ModelSource, run_grpo
 
 FLAGS = flags.FLAGS
@@ -57,6 +60,10 @@ flags.DEFINE_integer("sft_warmup_steps", 0,
 flags.DEFINE_float("sft_warmup_lr", 1e-4, "Constant learning rate of the SFT warm-up.")
 flags.DEFINE_integer("sft_warmup_batch_size", 8, "Examples per SFT warm-up step.")
 flags.DEFINE_integer("reward_workers", 0, "Worker processes for reward scoring (0 = in-process).")
+flags.DEFINE_enum("algorithm_preset", "toolrl", list(ALGORITHM_PRESETS),
+                  "Settings of a published algorithm (toolrl_jax/training/presets.py): toolrl (the defaults), dr_grpo, "
+                  "dapo, gspo. Flags given explicitly (here or in a flagfile) override the preset's values; the "
+                  "preset overrides the defaults.")
 
 
 def grpo_config_from_flags() -> GRPOConfig:
@@ -68,9 +75,15 @@ def grpo_config_from_flags() -> GRPOConfig:
                                        max_consecutive_skips=optimizer.max_consecutive_skips)
     critic = CriticConfig(optimizer=critic_optimizer, value=ValueLossConfig(**config_values(VALUE_FLAGS)),
                           seed=FLAGS.seed, **config_values(CRITIC_FLAGS))
-    return GRPOConfig(**config_values(GRPO_FLAGS), max_prompt_length=FLAGS.max_prompt_length, seed=FLAGS.seed,
-                      policy=PolicyLossConfig(**config_values(POLICY_FLAGS)), optimizer=optimizer, critic=critic,
-                      reward=reward_flags.reward_config_from_flags())
+    # --algorithm_preset sets its fields unless their flags were given (presets.py: explicit > preset > default)
+    explicit = {b.field for b in GRPO_FLAGS if FLAGS[b.flag].present}
+    explicit |= {f"policy.{b.field}" for b in POLICY_FLAGS if FLAGS[b.flag].present}
+    fields, policy = config_values(GRPO_FLAGS), config_values(POLICY_FLAGS)
+    preset, preset_policy = preset_fields(FLAGS.algorithm_preset, fields, keep=explicit)
+    with preset_context(FLAGS.algorithm_preset) if preset or preset_policy else contextlib.nullcontext():
+        return GRPOConfig(**{**fields, **preset}, max_prompt_length=FLAGS.max_prompt_length, seed=FLAGS.seed,
+                          policy=PolicyLossConfig(**{**policy, **preset_policy}), optimizer=optimizer, critic=critic,
+                          reward=reward_flags.reward_config_from_flags())
 
 
 def batching_from_flags(config: GRPOConfig) -> BatchingConfig:
@@ -90,6 +103,7 @@ def validate_flags() -> tuple[GRPOConfig, BatchingConfig, Any, Any]:
         batching = batching_from_flags(config)
         warmup = warmup_config(config) if FLAGS.sft_warmup_steps > 0 else None
         reward = reward_flags.combined_reward_from_flags(config.reward)
+        check_component_weights(config, reward)
     except ValueError as e:
         raise app.UsageError(f"invalid flags: {name_flags(e, ALL_FLAGS)}") from None
     return config, batching, warmup, reward
@@ -120,7 +134,10 @@ def _run_settings(config: GRPOConfig) -> dict:
     names = ("data", "val_data", "synthetic_train_size", "synthetic_val_size", "synthetic_prompt_style", "seed",
              "prompts_per_step", "group_size", "prompt_order", "length_group_window", "max_prompt_length",
              "max_response_length", "sft_warmup_steps", "sft_warmup_lr", "sft_warmup_batch_size", "bad_rows")
-    return {name: getattr(FLAGS, name) for name in names}
+    settings = {name: getattr(FLAGS, name) for name in names}
+    if config.dynamic_sampling:  # its extra rounds draw prompts: how many a step takes (recorded only when on)
+        settings["dynamic_sampling_max_rounds"] = config.dynamic_sampling_max_rounds
+    return settings
 
 
 def main(argv: list[str]) -> None:

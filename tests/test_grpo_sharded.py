@@ -1,4 +1,5 @@
-"""A GRPO (and PPO) step on 4 fake CPU devices (fsdp x tensor mesh) equals the single-device step.
+"""A GRPO (and PPO, and the algorithm options) step on 4 fake CPU devices (fsdp x tensor mesh) equals the
+single-device step.
 
 Covers the placement of update micro-batches: rows split across the data-parallel devices whether a mini-batch runs
 as one fused scan (micro-batches of one shape, here a single micro-batch) or as per-micro-batch calls at their own
@@ -24,6 +25,7 @@ SCRIPT = textwrap.dedent("""
     from toolrl_jax.models.hf_io import load_hf_model
     from toolrl_jax.optim import OptimizerConfig
     from toolrl_jax.placement import Placement
+    from toolrl_jax.rl.ppo import PolicyLossConfig
     from toolrl_jax.sharding import MeshConfig
     from toolrl_jax.tokenization import encode_chat, load_tokenizer, stop_token_ids
     from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
@@ -58,8 +60,11 @@ SCRIPT = textwrap.dedent("""
             assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(trainer.params))
         return result.metrics, params, trainer
 
+    # the algorithm options' row arrays (is_weight) and GSPO's per-row sequence ratios under the mesh too
+    options = dict(micro_batch_rows=2, tis_cap=2.0, overlong_buffer=3, advantage_estimator="rloo",
+                   policy=PolicyLossConfig(importance_sampling_level="sequence"))
     for overrides, split in ((dict(micro_batch_rows=2), True), (dict(micro_batch_rows=4), False),
-                             (dict(micro_batch_rows=2, algorithm="ppo"), True)):
+                             (dict(micro_batch_rows=2, algorithm="ppo"), True), (options, True)):
         (m1, p1, _), (m4, p4, trainer) = step(False, **overrides), step(True, **overrides)
         assert (trainer.split_update.accumulate._cache_size() > 0) == split, overrides
         for key in sorted(k for k in m1 if k.split("/")[0] in ("actor", "critic", "reward", "kl")):

@@ -14,7 +14,7 @@ from toolrl_jax.training.layout import stack_minibatches
 from toolrl_jax.training.sequences import join_prompt_and_response
 
 
-def _trainer(folder, **overrides) -> tuple[GRPOTrainer, list, list]:
+def _trainer(folder, reward=None, **overrides) -> tuple[GRPOTrainer, list, list]:
     _, model = load_hf_model(folder, dtype="float32")
     tok = load_tokenizer(folder)
     train, _ = make_synthetic_split(4, 0, seed=1)
@@ -24,7 +24,7 @@ def _trainer(folder, **overrides) -> tuple[GRPOTrainer, list, list]:
                   optimizer=OptimizerConfig(learning_rate=1e-3))
     fields.update(overrides)
     trainer = GRPOTrainer(model, GRPOConfig(**fields), tokenizer=tok, pad_id=tok.pad_token_id,
-                          stop_token_ids=stop_token_ids(tok))
+                          stop_token_ids=stop_token_ids(tok), reward=reward)
     return trainer, prompts, [e.ground_truth for e in train]
 
 

@@ -133,7 +133,7 @@ def _length_bonus(responses, ground_truths, step):
     return [1.0 / (1.0 + len(r)) for r in responses]
 
 
-def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, reward: Any = None):
+def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, reward: Any = None, **overrides):
     from toolrl_jax.datasets.batching import BatchingConfig
     from toolrl_jax.datasets.synthetic import make_synthetic_split
     from toolrl_jax.models.hf_io import load_hf_model
@@ -145,7 +145,7 @@ def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, 
     train, val = make_synthetic_split(8, 2, seed=0)
     config = GRPOConfig(prompts_per_step=2, group_size=2, mini_batch_prompts=1, micro_batch_rows=2,
                         max_prompt_length=96, max_response_length=6, total_steps=total_steps, val_every=2,
-                        optimizer=OptimizerConfig(learning_rate=1e-3), train_last_layers=1)
+                        optimizer=OptimizerConfig(learning_rate=1e-3), train_last_layers=1, **overrides)
     run = RunConfig(run_dir=str(run_dir), save_every=1, resume=resume, export_dir=str(run_dir / "export"),
                     export_dtype="float32", launch_files={"flags.txt": "--test\n"})
     _, model = load_hf_model(tiny_chat_model_dir, dtype="float32")

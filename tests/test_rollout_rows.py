@@ -17,7 +17,13 @@ from toolrl_jax.rl.losses import AGG_MODES
 from toolrl_jax.rl.ppo import PolicyLossConfig
 from toolrl_jax.sampling.config import SamplingConfig
 from toolrl_jax.training.accumulation import accumulate_gradients
-from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn, update_normalizers
+from toolrl_jax.training.actor import (
+    loss_mask,
+    make_logprob_fn,
+    make_split_update_fns,
+    make_update_fn,
+    update_normalizers,
+)
 from toolrl_jax.training.layout import RowLayout, row_extents, rows_by_length, stack_minibatches, trim_rows
 from toolrl_jax.training.rollout import batched_logprobs, collect_logprobs, dispatch_logprobs
 from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
@@ -158,12 +164,35 @@ def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_u
     """Rows sorted by length, each micro-batch cut to its own widths, gradients summed across jitted calls: the
     same metrics and parameters as one scan over the full-width mini-batch, in every loss aggregation mode (verl's
     value depends on which rows share a micro-batch, so the fused reference takes the same micro-batches)."""
-    policy = PolicyLossConfig(agg_mode=agg_mode)
+    _assert_split_equals_fused(model, PolicyLossConfig(agg_mode=agg_mode), _minibatch(
+        _rows([3, 9, 7, 2, 16, 1], [5, 2, 6, 1, 12, 3], seed=6)), check_unsorted=agg_mode != "verl")
+
+
+@pytest.mark.parametrize("level, agg_mode", [("sequence", "seq-mean-token-mean"), ("sequence_token", "token-mean"),
+                                             ("token", "seq-mean-token-sum-norm")])
+def test_split_equals_fused_with_gspo_ratios_importance_weights_and_a_loss_mask(model, level, agg_mode):
+    """GSPO's sequence ratios (each needs only its own row's tokens), truncated importance weights and a loss mask
+    that drops whole rows (truncated responses, filler groups) and a token: accumulation stays exact, in both update
+    paths."""
     rows = _minibatch(_rows([3, 9, 7, 2, 16, 1], [5, 2, 6, 1, 12, 3], seed=6))
+    mask = rows["response_mask"]
+    loss_mask = mask * np.array([1, 0, 1, 1, 0, 1], np.float32)[:, None]
+    loss_mask[0, 1] = 0.0
+    weights = np.random.default_rng(2).uniform(0.2, 2.0, size=mask.shape).astype(np.float32) * mask
+    # old log-probs near the model's own, so that some ratios are clipped at eps 0.02 and some not
+    logp = np.asarray(make_logprob_fn(nnx.graphdef(model))(nnx.state(model), rows)[0])
+    noise = np.random.default_rng(1).normal(scale=0.03, size=mask.shape)
+    rows = dict(rows, loss_mask=loss_mask, is_weight=weights, old_logp=((logp + noise) * mask).astype(np.float32))
+    _, metrics = _assert_split_equals_fused(model, PolicyLossConfig(importance_sampling_level=level,
+                                                                    agg_mode=agg_mode, clip_eps=0.02), rows)
+    assert 0.1 < metrics["clipfrac"] < 0.9, metrics["clipfrac"]
+
+
+def _assert_split_equals_fused(model, policy, rows, check_unsorted=True):
     order = rows_by_length(rows)
     sorted_rows = {k: v[order] for k, v in rows.items()}
     params_full, metrics_full = _updated(model, stack_minibatches(sorted_rows, 6, 2)[0], policy=policy)
-    if agg_mode != "verl":  # the other modes do not depend on how rows are grouped into micro-batches
+    if check_unsorted:  # the value does not depend on how rows are grouped into micro-batches
         params_unsorted, _ = _updated(model, stack_minibatches(rows, 6, 2)[0], policy=policy)
         for a, b in zip(jax.tree.leaves(params_unsorted), jax.tree.leaves(params_full)):
             np.testing.assert_allclose(a, b, atol=1e-7)
@@ -176,7 +205,7 @@ def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_u
     graphdef, params = nnx.split(copy_model(model))
     optimizer = make_optimizer(_OPT_CONFIG)
     fns = make_split_update_fns(graphdef, optimizer, _OPT_CONFIG, policy, logits_chunk_size=4)
-    normalizers = jax.device_get(update_normalizers(rows["response_mask"], policy, len(micros), RESPONSE_WIDTH))
+    normalizers = jax.device_get(update_normalizers(loss_mask(rows), policy, len(micros), RESPONSE_WIDTH))
     grads, micro_metrics = fns.zeros(params), []
     for micro in micros:
         grads, m = fns.accumulate(params, nnx.State({}), grads, micro, normalizers)
@@ -184,10 +213,27 @@ def test_split_update_with_a_width_per_micro_batch_equals_the_fused_full_width_u
     new_params, _, opt_metrics = fns.apply(params, optimizer.init(params), grads)
     metrics = dict(jax.device_get(opt_metrics), **{k: sum(float(m[k]) for m in micro_metrics)
                                                     for k in micro_metrics[0]})
-    for key in ("pg_loss", "entropy", "grad_norm", "actor_loss"):
+    for key in ("pg_loss", "entropy", "grad_norm", "actor_loss", "clipfrac"):
         np.testing.assert_allclose(metrics[key], metrics_full[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params_full)):
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-7)
+    return params_full, metrics_full
+
+
+def test_a_loss_mask_row_of_zeros_trains_as_if_the_row_were_absent(model):
+    """Masking whole rows (truncated responses, dynamic sampling's filler groups) is exactly dropping them: same
+    loss, metrics and parameters as the update on the other rows alone, whatever the aggregation."""
+    rows = _minibatch(_rows([3, 9, 7, 2, 16, 1], [5, 2, 6, 1, 12, 3], seed=6))
+    keep = np.array([1, 0, 1, 1, 0, 1], bool)
+    masked = dict(rows, loss_mask=rows["response_mask"] * keep[:, None].astype(np.float32))
+    for agg_mode in ("token-mean", "seq-mean-token-sum-norm"):
+        policy = PolicyLossConfig(agg_mode=agg_mode, kl_loss_coef=0.0)
+        with_mask = _updated(model, stack_minibatches(masked, 6, 2)[0], policy=policy)
+        without = _updated(model, stack_minibatches({k: v[keep] for k, v in rows.items()}, 4, 2)[0], policy=policy)
+        for key in ("pg_loss", "entropy", "actor_loss", "grad_norm"):
+            np.testing.assert_allclose(with_mask[1][key], without[1][key], rtol=1e-5, atol=1e-7, err_msg=key)
+        for a, b in zip(jax.tree.leaves(with_mask[0]), jax.tree.leaves(without[0])):
+            np.testing.assert_allclose(a, b, atol=1e-7)
 
 
 def test_single_micro_batch_needs_no_accumulator_and_agrees_with_scan():

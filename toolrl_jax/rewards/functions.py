@@ -40,6 +40,7 @@ from toolrl_jax.rewards.config import RewardConfig
 BUILTIN_SPEC = "toolrl"
 _SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 _TOOLRL_COMPONENTS = tuple(f.name for f in dataclasses.fields(RewardBatch) if f.name != "total")
+_TOOLRL_SUMMED = ("format", "correctness", "length")  # the components whose sum is the ToolRL total
 
 RewardFn = Callable[..., Any]  # fn(responses, ground_truths, step[, examples=...][, pool=...]) -> scores
 
@@ -278,6 +279,25 @@ class RewardResult:
     def records(self) -> list[dict[str, float]]:
         return [self.record(i) for i in range(len(self))]
 
+    def take(self, rows: Any) -> RewardResult:
+        """The results of responses `rows` (an index array), in that order."""
+        return _combine([self], lambda columns: columns[0][rows])
+
+    @staticmethod
+    def concatenate(results: Sequence[RewardResult]) -> RewardResult:
+        """Results of consecutive batches (same functions and components) as one."""
+        return _combine(results, np.concatenate)
+
+
+def _combine(results: Sequence[RewardResult], fn: Callable[[list[np.ndarray]], np.ndarray]) -> RewardResult:
+    """A RewardResult whose every per-response column is fn([that column of each result])."""
+    first = results[0]
+    outputs = {name: RewardOutput(fn([r.outputs[name].scores for r in results]),
+                                  {k: fn([r.outputs[name].components[k] for r in results]) for k in out.components})
+               for name, out in first.outputs.items()}
+    return RewardResult(fn([r.total for r in results]), {k: fn([r.components[k] for r in results])
+                                                          for k in first.components}, outputs, first.weights)
+
 
 def _call_chunk(args: tuple[RewardFn, list[str], list[str], int, dict[str, Any]]) -> Any:
     """Run one function on one chunk (module-level so worker processes can run it); returns its raw output."""
@@ -323,6 +343,30 @@ class CombinedReward:
         """Only the built-in with weight 1: log RewardBatch's flat reward/{total,format,...} names."""
         (first, *rest) = self.terms
         return not rest and isinstance(first.fn, ToolRLReward) and first.weight == 1.0
+
+    def part_names(self) -> list[str]:
+        """The names of the additive parts of the total (`parts`), as their columns are logged."""
+        return [name for term in self.terms for name, _ in self._part_keys(term)]
+
+    def parts(self, result: RewardResult) -> dict[str, tuple[np.ndarray, float]]:
+        """The additive parts of `result.total`: {name: (unweighted column [N], weight)}, the sum of weight * column
+        being the total (up to float rounding). The built-in ToolRL function contributes its format, correctness
+        and length (its score is their sum), every other function its score. Names as the columns are logged:
+        format, correctness, length for the built-in alone at weight 1, else "<function>/<component>" and
+        "<function>/score"."""
+        out = {}
+        for term in self.terms:
+            output = result.outputs[term.name]
+            for name, key in self._part_keys(term):
+                out[name] = (output.scores if key is None else output.components[key], term.weight)
+        return out
+
+    def _part_keys(self, term: RewardTerm) -> list[tuple[str, str | None]]:
+        """(part name, component key, None = the score) of one term's additive parts."""
+        if not isinstance(term.fn, ToolRLReward):
+            return [(f"{term.name}/score", None)]
+        prefix = "" if self.is_default_layout else f"{term.name}/"
+        return [(prefix + key, key) for key in _TOOLRL_SUMMED]
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[str], step: int,
               examples: Sequence[Any] | None = None, pool: Any = None) -> RewardResult:

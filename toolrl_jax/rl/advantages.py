@@ -1,4 +1,4 @@
-"""Advantage estimators: GRPO group normalisation and PPO's GAE, plus the KL-in-reward shaping both use.
+"""Advantage estimators: GRPO group normalisation, RLOO, REINFORCE++ and PPO's GAE, plus the KL-in-reward shaping.
 
 Conventions: rollouts are prompt-major ([num_prompts * group_size] rows, prompt i's samples at rows
 i*n .. i*n+n-1); token arrays are [N, T] over the response with `mask` = 1 on valid response tokens (including the
@@ -49,6 +49,41 @@ def grpo_advantages(scores: jax.Array, group_size: int, eps: float = 1e-6,
         std = jnp.std(groups, axis=1, keepdims=True, ddof=1)
         adv = adv / (std + eps)
     return adv.reshape(-1)
+
+
+def rloo_advantages(scores: jax.Array, group_size: int) -> jax.Array:
+    """RLOO: A_i = s_i - (1 / (G - 1)) sum_{j != i} s_j, each response's score against the mean of the other responses
+    to its prompt (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+    Human Feedback in LLMs", arXiv 2402.14740; veRL core_algos compute_rloo_outcome_advantage). `scores`
+    [num_prompts * G], prompt-major; needs G >= 2 (the baseline is the other responses)."""
+    chex.assert_rank(scores, 1)
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"rloo_advantages: {scores.shape[0]} scores in groups of {group_size} (RLOO needs groups "
+                         "of >= 2)")
+    groups = scores.astype(jnp.float32).reshape(-1, group_size)
+    others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def per_component_advantages(components: jax.Array, weights: jax.Array, group_size: int, estimator: str = "grpo",
+                             normalize_by_std: bool = True) -> jax.Array:
+    """Group advantages of each reward component, then their weighted sum: A_i = sum_k w_k A(c_k)_i, with A the
+    GRPO normalisation (`grpo_advantages`) or the RLOO baseline (`rloo_advantages`) within each prompt's group.
+
+    Beyond the paper: normalising the summed reward lets the component with the largest spread within a group (e.g.
+    correctness, range 6, against format's 1) drown the others; normalising each component first gives each the
+    same scale before the weights. components [K, N] (unweighted, prompt-major), weights [K]. A component constant
+    within a group adds 0 there."""
+    chex.assert_rank([components, weights], [2, 1])
+    chex.assert_equal(components.shape[0], weights.shape[0])
+    total = jnp.zeros(components.shape[1], jnp.float32)
+    for k in range(components.shape[0]):
+        if estimator == "rloo":
+            adv = rloo_advantages(components[k], group_size)
+        else:
+            adv = grpo_advantages(components[k], group_size, normalize_by_std=normalize_by_std)
+        total = total + weights[k].astype(jnp.float32) * adv
+    return total
 
 
 def broadcast_to_tokens(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -113,3 +148,18 @@ def gae_advantages_and_returns(rewards: jax.Array, values: jax.Array, mask: jax.
     if whiten:
         advantages = masked_whiten(advantages, m)
     return advantages, returns
+
+
+def reinforce_plus_plus_advantages(outcome_rewards: jax.Array, mask: jax.Array, kl: Optional[jax.Array] = None,
+                                   kl_coef: float = 0.0, gamma: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models",
+    arXiv 2501.03262; veRL core_algos compute_reinforce_plus_plus_outcome_advantage): no critic and no group.
+
+    Token rewards r_t: the outcome on each row's last valid token minus kl_coef * kl_t on every valid token
+    (`token_level_rewards`); returns G_t = sum_{k >= t} gamma^(k - t) r_k over valid tokens; advantages = the
+    returns whitened over every valid token of the batch (global batch normalisation). Returns (advantages,
+    returns), both [N, T], 0 on padding. (The return is GAE's advantage with V = 0 and lambda = 1.)"""
+    rewards = token_level_rewards(outcome_rewards, mask, kl, kl_coef)
+    returns, _ = gae_advantages_and_returns(rewards, jnp.zeros_like(rewards), mask, gamma=gamma, lam=1.0,
+                                            whiten=False)
+    return masked_whiten(returns, mask), returns

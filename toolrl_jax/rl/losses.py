@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "verl")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+IS_LEVELS = ("token", "sequence", "sequence_token")
 
 
 # --------------------------------------------------------------------------- log-probs and entropy
@@ -121,11 +122,54 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3") -> jax.A
     raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
 
 
+# --------------------------------------------------------------------------- importance ratios
+
+
+def importance_log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, level: str = "token") -> jax.Array:
+    """The log importance ratio [B, T] of the clipped surrogate at `level`, clipped to [-20, 20] before exp (veRL).
+
+    token:          log r_t = logp_t - old_t (PPO / GRPO).
+    sequence:       log s_i = (1/|y_i|) sum_t (logp_t - old_t) on every token of row i: GSPO's length-normalised
+                    sequence ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071,
+                    sec. 4.1; TRL GRPOTrainer importance_sampling_level="sequence"): one ratio, so one clipping
+                    decision, per sequence. Its gradient flows through every token of the row.
+    sequence_token: log s_{i,t} = sg[log s_i] + logp_t - sg[logp_t] (GSPO-token, sec. 4.3; veRL core_algos
+                    compute_policy_loss_gspo): the value (hence the clipping) is the sequence's, the gradient token
+                    t's own, so it can weigh token-level advantages; with one advantage per sequence its gradient
+                    equals GSPO's under seq-mean-token-mean aggregation.
+    Only row i's own valid tokens enter s_i, so micro-batches (whole rows) accumulate exactly.
+    """
+    chex.assert_equal_shape([logp, old_logp, mask])
+    diff = logp.astype(jnp.float32) - old_logp.astype(jnp.float32)
+    if level == "token":
+        return jnp.clip(diff, -20.0, 20.0)
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance sampling level {level!r}; expected one of {IS_LEVELS}")
+    m = mask.astype(bool)
+    seq = jnp.sum(jnp.where(m, diff, 0.0), axis=-1, keepdims=True) / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1)
+    if level == "sequence":
+        return jnp.clip(jnp.broadcast_to(seq, diff.shape), -20.0, 20.0)
+    own = logp.astype(jnp.float32)
+    return jnp.clip(jax.lax.stop_gradient(seq) + own - jax.lax.stop_gradient(own), -20.0, 20.0)
+
+
+def truncated_is_weights(old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, cap: float) -> jax.Array:
+    """Truncated importance sampling against the sampler/trainer mismatch: w_t = min(exp(old_t - sampler_t), cap) on
+    valid tokens (0 on padding), where old is the trainer's recomputed old-policy log-prob and sampler the rollout
+    engine's for the same token. It multiplies each token's policy-gradient term (Yao et al. 2025, "Your Efficient
+    RL Framework Secretly Brings You Off-Policy RL Training", the TIS correction; veRL's tis_imp_ratio_cap, TRL
+    GRPOTrainer vllm_importance_sampling_correction with vllm_importance_sampling_cap)."""
+    chex.assert_equal_shape([old_logp, sampler_logp, mask])
+    w = jnp.minimum(jnp.exp(old_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32)), cap)
+    return jnp.where(mask.astype(bool), w, 0.0)
+
+
 # --------------------------------------------------------------------------- policy and value losses
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip_c: Optional[float] = None,
+                importance_sampling_level: str = "token", is_weight: Optional[jax.Array] = None,
                 agg_mode: str = "token-mean", total_tokens: Optional[jax.Array] = None,
                 total_sequences: Optional[jax.Array] = None, norm_length: Optional[float] = None,
                 accumulation_divisor: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -133,14 +177,19 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
 
     `clip_eps_high` defaults to `clip_eps` (set it higher for DAPO-style clip-higher). With `dual_clip_c` (> 1),
     tokens with A < 0 are additionally bounded by -A * c (dual-clip PPO); off by default. The log-ratio is clipped
-    to [-20, 20] before exp for safety, as veRL does.
+    to [-20, 20] before exp for safety, as veRL does. `importance_sampling_level` "sequence" / "sequence_token" uses
+    GSPO's sequence ratio instead of r (`importance_log_ratio`). `is_weight` [B, T] (e.g. `truncated_is_weights`)
+    multiplies each token's term after clipping.
     Metrics (token means): clipfrac (the clipped branch is active), clipfrac_dual, approx_kl (mean old_logp - logp).
     """
     chex.assert_rank([logp, old_logp, advantages, mask], 2)
     chex.assert_equal_shape([logp, old_logp, advantages, mask])
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = jnp.clip(logp.astype(jnp.float32) - old_logp.astype(jnp.float32), -20.0, 20.0)
-    ratio = jnp.exp(log_ratio)
+    log_ratio = importance_log_ratio(logp, old_logp, mask)
+    if importance_sampling_level != "token":
+        ratio = jnp.exp(importance_log_ratio(logp, old_logp, mask, importance_sampling_level))
+    else:
+        ratio = jnp.exp(log_ratio)
     adv = advantages.astype(jnp.float32)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high)
@@ -153,6 +202,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         bound = -adv * dual_clip_c
         dual = ((adv < 0) & (per_token > bound)).astype(jnp.float32)
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
+    if is_weight is not None:
+        per_token = per_token * is_weight.astype(jnp.float32)
     loss = aggregate(per_token, mask, agg_mode, total_tokens, total_sequences, norm_length, accumulation_divisor)
     metrics = {
         "clipfrac": _token_metric(clipped, mask, total_tokens),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from toolrl_jax.config_checks import option
-from toolrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, aggregate, kl_estimate, policy_loss, value_loss
+from toolrl_jax.rl.losses import AGG_MODES, IS_LEVELS, KL_ESTIMATORS, aggregate, kl_estimate, policy_loss, value_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,12 @@ class PolicyLossConfig:
                                                   "--clip_ratio).", flag="clip_ratio_high")
     dual_clip_c: Optional[float] = option(None, "Dual-clip PPO: bound the loss of negative advantages at -A * c "
                                                 "(c > 1; default off).")
+    importance_sampling_level: str = option(
+        "token", "The importance ratio of the clipped surrogate. token: per token (PPO/GRPO). sequence: GSPO's "
+                 "length-normalised sequence ratio exp(mean over the response of logp - old_logp), clipped per "
+                 "sequence (Zheng et al. 2025; needs one advantage per sequence). sequence_token: GSPO-token, the "
+                 "sequence ratio's value with each token's own gradient (for token-level advantages).",
+        choices=IS_LEVELS)
     entropy_coef: float = option(0.001, "Entropy bonus coefficient.")
     kl_loss_coef: float = option(0.0, "Coefficient of a KL-to-reference loss term (0 = off).")
     kl_loss_type: str = option("k3", "KL estimator of the loss term.", choices=KL_ESTIMATORS)
@@ -49,6 +55,9 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.clip_eps_high must be positive, got {self.clip_eps_high}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"PolicyLossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"PolicyLossConfig.importance_sampling_level must be one of {IS_LEVELS}, got "
+                             f"{self.importance_sampling_level!r}")
         if self.kl_loss_type not in KL_ESTIMATORS:
             raise ValueError(f"PolicyLossConfig.kl_loss_type must be one of {KL_ESTIMATORS}, got {self.kl_loss_type!r}")
         if self.agg_mode not in AGG_MODES:
@@ -100,15 +109,17 @@ def count_normalizers(mask: jax.Array, *, norm_length: Optional[int] = None,
 def actor_loss(logp: jax.Array, entropy: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                config: PolicyLossConfig, ref_logp: Optional[jax.Array] = None,
                total_tokens: Optional[jax.Array] = None, total_sequences: Optional[jax.Array] = None,
-               norm_length: Optional[jax.Array] = None,
-               accumulation_divisor: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               norm_length: Optional[jax.Array] = None, accumulation_divisor: Optional[jax.Array] = None,
+               is_weight: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar actor loss for one (micro-)batch plus metrics; all inputs [B, T] (advantages already per token).
-    Every term is aggregated with `config.agg_mode` and the normalizers of `count_normalizers`."""
+    Every term is aggregated with `config.agg_mode` and the normalizers of `count_normalizers`. is_weight: per-token
+    weights of the policy-gradient term (truncated importance sampling), None = 1."""
     chex.assert_equal_shape([logp, entropy, old_logp, advantages, mask])
     norms = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
                  accumulation_divisor=accumulation_divisor)
     pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps=config.clip_eps,
                               clip_eps_high=config.clip_eps_high, dual_clip_c=config.dual_clip_c,
+                              importance_sampling_level=config.importance_sampling_level, is_weight=is_weight,
                               agg_mode=config.agg_mode, **norms)
     ent = aggregate(entropy, mask, config.agg_mode, **norms)
     loss = pg - config.entropy_coef * ent

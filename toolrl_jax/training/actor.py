@@ -36,8 +36,8 @@ def _actor_micro_grads(graphdef: nnx.GraphDef, policy_config: PolicyLossConfig, 
 
     def loss_fn(p, frozen, micro, normalizers):
         logp, entropy = response_logprobs(graphdef, (p, frozen), micro, logits_chunk_size=logits_chunk_size)
-        return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], micro["response_mask"],
-                          policy_config, ref_logp=micro.get("ref_logp"), **normalizers)
+        return actor_loss(logp, entropy, micro["old_logp"], micro["advantages"], loss_mask(micro), policy_config,
+                          ref_logp=micro.get("ref_logp"), is_weight=micro.get("is_weight"), **normalizers)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -46,6 +46,12 @@ def _actor_micro_grads(graphdef: nnx.GraphDef, policy_config: PolicyLossConfig, 
         return g, metrics
 
     return micro_grads
+
+
+def loss_mask(rows: Any) -> Any:
+    """The tokens the actor loss counts: rows["loss_mask"] when the step excludes some response tokens (truncated
+    responses, dynamic sampling's filler groups), else the response mask."""
+    return rows.get("loss_mask", rows["response_mask"])
 
 
 def update_normalizers(mask: Any, policy: PolicyLossConfig, num_micro: int,
@@ -69,13 +75,14 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimize
     One optimizer update from a mini-batch whose micro-batches share one width. params: the trainable state;
     frozen: the rest of the model's state (an empty State when everything trains), merged after params.
     minibatch: dict of arrays [num_micro, micro_rows, ...] with keys of `join_prompt_and_response` plus old_logp,
-    advantages (and ref_logp when the KL loss is on). Mini-batches of mixed widths use `make_split_update_fns`.
+    advantages (and ref_logp when the KL loss is on; optionally loss_mask and is_weight, see `loss_mask`).
+    Mini-batches of mixed widths use `make_split_update_fns`.
     response_budget: the untrimmed response width, the seq-mean-token-sum-norm constant (`update_normalizers`).
     """
     micro_grads = _actor_micro_grads(graphdef, policy_config, logits_chunk_size)
 
     def update(params, opt_state, frozen, minibatch):
-        mask = minibatch["response_mask"]
+        mask = loss_mask(minibatch)
         normalizers = update_normalizers(mask.reshape(-1, mask.shape[-1]), policy_config, mask.shape[0],
                                          response_budget)
         grads, metrics = accumulate_gradients(lambda p, micro: micro_grads(p, frozen, micro, normalizers), params,

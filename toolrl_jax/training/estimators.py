@@ -2,26 +2,37 @@
 
 An estimator turns a step's outcome rewards and log-probs into per-token advantages (and any extra per-row arrays
 its update needs, e.g. PPO's old values and returns). Register one with `@register_estimator("name")`; the learner
-picks it by `GRPOConfig.estimator` ("grpo" for GRPO, "gae" for the PPO baseline). Following veRL's
+picks it by `GRPOConfig.estimator` ("grpo" for GRPO, "gae" for the PPO baseline; "rloo" and "reinforce_plus_plus"
+critic-free alternatives). Following veRL's
 `core_algos` estimator registry and tunix's learner-specific `compute_advantages`: the estimator sees a read-only
 context and returns arrays; the math itself lives in `toolrl_jax.rl.advantages` and the critic.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from toolrl_jax.rl.advantages import broadcast_to_tokens, grpo_advantages, kl_penalized_scores
+from toolrl_jax.rl.advantages import (
+    broadcast_to_tokens,
+    grpo_advantages,
+    kl_penalized_scores,
+    per_component_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+)
+
+GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the prompt's group: an all-equal group has no advantage
 
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageInputs:
     """What an estimator may read. outcome [N] (the reward functions' total), mask [N, R] (1 on response tokens),
     old_logp / ref_logp [N, R] (ref None without a KL term), rows: the step's training rows, config: GRPOConfig,
-    critic: the PPO critic (None for critic-free estimators)."""
+    critic: the PPO critic (None for critic-free estimators), components: under per-component normalisation, the
+    reward's additive parts {name: (unweighted column [N], weight)} (`training.reward_shaping.reward_parts`)."""
 
     outcome: np.ndarray
     mask: np.ndarray
@@ -30,6 +41,7 @@ class AdvantageInputs:
     rows: dict[str, np.ndarray]
     config: Any
     critic: Any = None
+    components: Optional[Mapping[str, tuple[np.ndarray, float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +89,51 @@ def kl_shaped_scores(inputs: AdvantageInputs) -> Any:
 @register_estimator("grpo")
 def grpo_estimator(inputs: AdvantageInputs) -> Advantages:
     """GRPO: each response's shaped score normalised within its prompt's group (`rl.advantages.grpo_advantages`),
-    on every response token."""
+    on every response token; per component first with `components` (`rl.advantages.per_component_advantages`)."""
+    return _group_estimator(inputs, "grpo")
+
+
+@register_estimator("rloo")
+def rloo_estimator(inputs: AdvantageInputs) -> Advantages:
+    """RLOO: each response's shaped score minus the mean of its group's other responses
+    (`rl.advantages.rloo_advantages`), on every response token."""
+    return _group_estimator(inputs, "rloo")
+
+
+def _group_estimator(inputs: AdvantageInputs, kind: str) -> Advantages:
     c = inputs.config
     scores = kl_shaped_scores(inputs)
-    adv = grpo_advantages(scores, c.group_size, normalize_by_std=c.normalize_adv_by_std)
+    if inputs.components is not None:
+        columns = jnp.asarray(np.stack([column for column, _ in inputs.components.values()]), jnp.float32)
+        weights = jnp.asarray([weight for _, weight in inputs.components.values()], jnp.float32)
+        adv = per_component_advantages(columns, weights, c.group_size, kind, c.normalize_adv_by_std)
+    elif kind == "rloo":
+        adv = rloo_advantages(scores, c.group_size)
+    else:
+        adv = grpo_advantages(scores, c.group_size, normalize_by_std=c.normalize_adv_by_std)
     token = np.asarray(broadcast_to_tokens(adv, jnp.asarray(inputs.mask)))
     return Advantages(token=token.astype(np.float32), per_row=adv, scores=scores)
+
+
+def _token_advantages(token: Any, inputs: AdvantageInputs, **extra_rows: np.ndarray) -> Advantages:
+    """Advantages from per-token values [N, R] (logged per row as their mean over the row's tokens)."""
+    token = np.asarray(token)
+    per_row = jnp.asarray(token.sum(1) / np.maximum(inputs.mask.sum(1), 1))
+    return Advantages(token=token.astype(np.float32), per_row=per_row, scores=kl_shaped_scores(inputs),
+                      extra_rows=extra_rows)
+
+
+@register_estimator("reinforce_plus_plus")
+def reinforce_plus_plus_estimator(inputs: AdvantageInputs) -> Advantages:
+    """REINFORCE++ (`rl.advantages.reinforce_plus_plus_advantages`): the per-token KL (when folded into the reward)
+    and the outcome as token rewards, discounted returns (gamma = the critic config's, --gae_gamma), whitened over
+    the step's response tokens."""
+    c = inputs.config
+    fold = c.kl_in_reward and inputs.ref_logp is not None
+    kl = jnp.asarray(inputs.old_logp - inputs.ref_logp) if fold else None
+    token, _ = reinforce_plus_plus_advantages(jnp.asarray(inputs.outcome, jnp.float32), jnp.asarray(inputs.mask), kl,
+                                              c.kl_coef if fold else 0.0, c.critic.gamma)
+    return _token_advantages(token, inputs)
 
 
 @register_estimator("gae")
@@ -96,8 +147,5 @@ def gae_estimator(inputs: AdvantageInputs) -> Advantages:
     fold = c.kl_in_reward and inputs.ref_logp is not None
     token, returns = critic.advantages(inputs.outcome, inputs.mask, values, inputs.old_logp if fold else None,
                                        inputs.ref_logp if fold else None, c.kl_coef if fold else 0.0)
-    token = np.asarray(token)
-    per_row = jnp.asarray(token.sum(1) / np.maximum(inputs.mask.sum(1), 1))  # per-row mean, for logging
-    return Advantages(token=token.astype(np.float32), per_row=per_row, scores=kl_shaped_scores(inputs),
-                      extra_rows={"old_values": np.asarray(values, np.float32),
-                                  "returns": np.asarray(returns, np.float32)})
+    return _token_advantages(token, inputs, old_values=np.asarray(values, np.float32),
+                             returns=np.asarray(returns, np.float32))

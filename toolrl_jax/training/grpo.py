@@ -1,11 +1,18 @@
 """GRPO (and the paper's PPO baseline) as a small learner over stages:
 
     rollout = generate_rollout(learner, prompts, key)    # rollout.py: sample, join rows, dispatch log-prob passes
-    rewards = learner.score(rollout.samples, truths, step)   # the reward functions, on the host meanwhile
+    rewards = learner.score_rollout(rollout.samples, truths, step)  # the reward functions, on the host meanwhile,
+                                                           # + reward_shaping.py: overlong penalty, part weights
     logprobs = rollout.logprobs()                          # old policy (and reference) log-probs
-    advantages = estimator(AdvantageInputs(...))           # estimators.py: "grpo" group advantages, "gae" for PPO
+    advantages = estimator(AdvantageInputs(...))           # estimators.py: "grpo" group advantages, "gae" for PPO,
+                                                           # "rloo", "reinforce_plus_plus"
+    rows = update_rows(rollout, logprobs, advantages, ...) # update_rows.py: + loss mask, TIS weights when asked
     update_metrics, cells = update_stage(learner, rows)    # update.py: epochs of mini-batch updates, actor + critic
     metrics = step_metrics(...)                            # step_metrics.py
+
+With `dynamic_sampling` the first two lines are rounds of sampling and scoring until enough groups carry a signal
+(dynamic_sampling.py). The algorithm options (DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE++, TIS, per-component
+normalisation) are GRPOConfig / PolicyLossConfig fields, all off by default; presets.py names published settings.
 
 The learner (`GRPOTrainer`) holds the state: trainable params, frozen params, optimizer state, the reference copy,
 the sampler, the critic, and the jitted functions (actor.py); a `Placement` decides where every array lives. The run
@@ -18,7 +25,7 @@ import logging
 import math
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +43,19 @@ from toolrl_jax.sampling.config import SamplingConfig
 from toolrl_jax.sampling.sampler import SampleOutput, Sampler
 from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn
 from toolrl_jax.training.critic import Critic, CriticConfig
-from toolrl_jax.training.estimators import ESTIMATORS, AdvantageInputs, get_estimator
+from toolrl_jax.training.dynamic_sampling import DynamicBatch, sample_informative_groups
+from toolrl_jax.training.estimators import ESTIMATORS, GROUP_ESTIMATORS, AdvantageInputs, get_estimator
 from toolrl_jax.training.layout import RowLayout
-from toolrl_jax.training.rollout import generate_rollout
+from toolrl_jax.training.reward_shaping import check_component_weights, reward_parts, shape_rewards
+from toolrl_jax.training.rollout import Rollout, generate_rollout, start_rollout
 from toolrl_jax.training.step_metrics import step_metrics
 from toolrl_jax.training.trainable import count_params, last_layers_regex, trainable_filter
 from toolrl_jax.training.update import update_stage
+from toolrl_jax.training.update_rows import update_rows
 
 logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("total", "per_component")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +83,35 @@ class GRPOConfig:
                                     "critic initialised from the policy with a value head, GAE advantages (use "
                                     "--group_size=1 for classic PPO rollouts).", choices=("grpo", "ppo"))
     advantage_estimator: Optional[str] = option(
-        None, "The advantage estimator (training/estimators.py registry); default: the algorithm's (grpo / gae).")
+        None, "The advantage estimator (training/estimators.py registry): grpo (group-normalised), gae (PPO's, with "
+              "the critic), rloo (leave-one-out group baseline), reinforce_plus_plus (discounted token returns "
+              "with the KL in the reward, whitened over the batch; --gae_gamma is its discount); default: the "
+              "algorithm's (grpo / gae).")
+    advantage_normalization: str = option(
+        "total", "total: the group normalises the summed reward (GRPO). per_component (beyond the paper): each "
+                 "additive part of the reward (format, correctness, length, each other reward function's score, "
+                 "overlong) is normalised within its group first, then weighted (--reward_component_weights) and "
+                 "summed; grpo / rloo estimators.", choices=NORMALIZATIONS)
+    reward_component_weights: Optional[str] = option(
+        None, "Weights of the reward's additive parts, e.g. format=1,correctness=2, named as logged under reward/ "
+              "(format, correctness, length for the ToolRL reward alone; <fn>/format, <fn>/score, ... with several "
+              "--reward_fn; overlong). Unnamed parts weigh 1; the reward trained on is the weighted sum.")
+    dynamic_sampling: bool = option(
+        False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no signal) and draw more prompts, "
+               "up to --dynamic_sampling_max_rounds extra rollout rounds, until the step has prompts_per_step "
+               "informative groups; short of that, uninformative groups fill the batch with their loss masked.")
+    dynamic_sampling_max_rounds: int = option(3, "Extra rollout rounds (of prompts_per_step prompts each) a step may "
+                                                 "draw under --dynamic_sampling.")
+    overlong_buffer: int = option(0, "DAPO soft overlong punishment: a linear penalty from 0 to -1 (times "
+                                     "--overlong_penalty_factor) over the last N tokens of the response budget, "
+                                     "added to the reward (0 = off).")
+    overlong_penalty_factor: float = option(1.0, "The overlong penalty at the full response budget (its scale).")
+    mask_truncated: bool = option(False, "Exclude responses cut by the response budget (no stop token) from the "
+                                         "actor loss (DAPO's overlong filtering; TRL mask_truncated_completions).")
+    tis_cap: Optional[float] = option(
+        None, "Truncated importance sampling against the sampler/trainer log-prob mismatch: weigh each token's "
+              "policy-gradient term by min(exp(old_logp - sampler_logp), C) (needs --recompute_old_logprobs; "
+              "default off).")
     critic: CriticConfig = CriticConfig()
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -131,6 +171,7 @@ class GRPOConfig:
         need((self.estimator == "gae") == (self.algorithm == "ppo"),
              f"advantage_estimator {self.estimator!r} does not go with algorithm {self.algorithm!r} (gae needs the "
              "PPO critic, and PPO trains one only for gae)")
+        self._check_algorithm_options(need)
         need(self.logits_chunk_size is None or self.logits_chunk_size >= 1,
              f"logits_chunk_size must be >= 1 or None, got {self.logits_chunk_size}")
         if self.prompt_length_buckets is not None:
@@ -154,6 +195,62 @@ class GRPOConfig:
                 re.compile(self.trainable_regex)
             except re.error as e:
                 raise ValueError(f"GRPOConfig: trainable_regex {self.trainable_regex!r} is not a regex: {e}") from None
+
+    def _check_algorithm_options(self, need) -> None:
+        """The options beyond the ToolRL recipe (DAPO, GSPO, RLOO, TIS, per-component normalisation), alone and in
+        combination; every message names the fields (and so the flags) involved."""
+        est, group = self.estimator, self.estimator in GROUP_ESTIMATORS
+        need(est != "rloo" or self.group_size >= 2, "advantage_estimator 'rloo' needs group_size >= 2 (its baseline "
+                                                    f"is the prompt's other responses), got {self.group_size}")
+        need(self.dynamic_sampling_max_rounds >= 0,
+             f"dynamic_sampling_max_rounds must be >= 0, got {self.dynamic_sampling_max_rounds}")
+        if self.dynamic_sampling:
+            need(self.group_size >= 2, "dynamic_sampling drops groups whose rewards are all equal: it needs "
+                                       f"group_size >= 2, got {self.group_size}")
+            need(group, "dynamic_sampling needs a group baseline, under which an all-equal group has no advantage "
+                        f"(advantage_estimator grpo or rloo), got advantage_estimator {est!r}")
+        need(0 <= self.overlong_buffer <= self.max_response_length, f"overlong_buffer must be in [0, "
+             f"max_response_length={self.max_response_length}], got {self.overlong_buffer}")
+        need(math.isfinite(self.overlong_penalty_factor) and self.overlong_penalty_factor > 0,
+             f"overlong_penalty_factor must be finite and > 0, got {self.overlong_penalty_factor}")
+        if self.tis_cap is not None:
+            need(math.isfinite(self.tis_cap) and self.tis_cap >= 1,
+                 f"tis_cap must be finite and >= 1, got {self.tis_cap}")
+            need(self.recompute_old_logprobs, "tis_cap weighs the trainer's recomputed old log-probs against the "
+                                              "sampler's: it needs recompute_old_logprobs=True (without it the "
+                                              "sampler's log-probs are the old policy and every weight is 1)")
+        need(self.policy.importance_sampling_level != "sequence" or group,
+             f"importance_sampling_level 'sequence' (GSPO) weighs one advantage per sequence, but advantage_estimator "
+             f"{est!r} gives token-level advantages: use importance_sampling_level 'sequence_token' (GSPO-token)")
+        need(self.advantage_normalization in NORMALIZATIONS,
+             f"advantage_normalization must be one of {NORMALIZATIONS}, got {self.advantage_normalization!r}")
+        if self.advantage_normalization == "per_component":
+            need(group, "advantage_normalization 'per_component' normalises within each prompt's group "
+                        f"(advantage_estimator grpo or rloo), got advantage_estimator {est!r}")
+            need(not (self.kl_in_reward and self.kl_coef > 0), "advantage_normalization 'per_component' normalises "
+                 "each reward part within its group; a KL penalty folded into the reward (kl_in_reward with kl_coef "
+                 "> 0) has no group scale of its own: set kl_coef=0 or kl_in_reward=False (kl_loss_coef adds a KL "
+                 "loss term instead)")
+        _ = self.component_weights  # parses reward_component_weights
+
+    @property
+    def component_weights(self) -> dict[str, float]:
+        """reward_component_weights parsed: {part name: weight} ({} when unset)."""
+        out: dict[str, float] = {}
+        if not self.reward_component_weights:
+            return out
+        for item in self.reward_component_weights.split(","):
+            name, eq, value = item.partition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = math.nan
+            if not (eq and name.strip() and math.isfinite(weight)) or name.strip() in out:
+                raise ValueError(f"GRPOConfig: reward_component_weights={self.reward_component_weights!r}: expected "
+                                 f"distinct name=weight pairs with finite weights, e.g. format=1,correctness=2; got "
+                                 f"{item!r}")
+            out[name.strip()] = weight
+        return out
 
     def trainable_pattern(self, num_layers: int) -> Optional[str]:
         """The path regex of the trained parameters for a model of `num_layers` layers (None = all): resolved here,
@@ -191,6 +288,7 @@ class StepResult:
     metrics: dict[str, float]
     rewards: RewardResult
     samples: SampleOutput
+    groups: Optional[np.ndarray] = None  # dynamic sampling: each trained group's index among the groups drawn
 
 
 class GRPOTrainer:
@@ -235,6 +333,7 @@ class GRPOTrainer:
         self.layout = RowLayout(self.sampling_config(), config.trim_padding, config.response_length_buckets)
         self.estimator = get_estimator(config.estimator)
         self.reward = reward or CombinedReward.default(config.reward)
+        check_component_weights(config, self.reward)
         self.reward_pool = reward_pool
         self.actor_guard = DivergenceGuard(config.optimizer.max_consecutive_skips, "policy")
         self.critic_guard = DivergenceGuard(config.critic.optimizer.max_consecutive_skips, "critic")
@@ -286,35 +385,53 @@ class GRPOTrainer:
             if self.critic is not None:
                 self.critic_guard.observe(m, where, prefix="critic/")
 
-    def train_step(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str],
-                   key: jax.Array) -> StepResult:
-        """One step on `prompts_per_step` prompts; `self.step` becomes the 1-based step just trained."""
+    def score_rollout(self, samples: SampleOutput, ground_truths: Sequence[str], step: int) -> RewardResult:
+        """The rewards trained on: `score`, then the overlong penalty and part weights (`shape_rewards`)."""
+        return shape_rewards(self.score(samples, ground_truths, step), samples, self.config, self.reward)
+
+    def rollout_stage(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], key: jax.Array,
+                      step: int, refill: Optional[Callable[[], Any]]
+                      ) -> tuple[Rollout, RewardResult, Optional[DynamicBatch], float]:
+        """Sample and score: (the rollout, its log-prob passes in flight; its rewards; the dynamic-sampling draw or
+        None; host seconds spent scoring)."""
+        if self.config.dynamic_sampling:
+            drawn = sample_informative_groups(self, prompt_ids, ground_truths, key, step, refill)
+            return start_rollout(self, drawn.samples, drawn.seconds_generate), drawn.rewards, drawn, drawn.seconds_score
+        rollout = generate_rollout(self, prompt_ids, key)
+        t0 = time.perf_counter()
+        rewards = self.score_rollout(rollout.samples, ground_truths, step)
+        return rollout, rewards, None, time.perf_counter() - t0
+
+    def train_step(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], key: jax.Array,
+                   refill: Optional[Callable[[], Any]] = None) -> StepResult:
+        """One step on `prompts_per_step` prompts; `self.step` becomes the 1-based step just trained. refill: under
+        dynamic sampling, draws the next batch of prompts (`.prompt_ids`, `.ground_truths`) for an extra rollout
+        round (None: no extra rounds; `training.dynamic_sampling`)."""
         c = self.config
         if len(prompt_ids) != c.prompts_per_step:
             raise ValueError(f"train_step got {len(prompt_ids)} prompts, config says {c.prompts_per_step}")
         step = self.step + 1
-        rollout = generate_rollout(self, prompt_ids, key)
-        t0 = time.perf_counter()
-        rewards = self.score(rollout.samples, ground_truths, step)
+        rollout, rewards, drawn, seconds_score = self.rollout_stage(prompt_ids, ground_truths, key, step, refill)
         t_score = time.perf_counter()
         logprobs = rollout.logprobs()
+        parts = reward_parts(rewards, self.reward, c) if c.advantage_normalization == "per_component" else None
         advantages = self.estimator(AdvantageInputs(
             outcome=rewards.total, mask=rollout.mask, old_logp=logprobs.old, ref_logp=logprobs.ref,
-            rows=rollout.rows, config=c, critic=self.critic))
-        train_rows = dict(rollout.rows, old_logp=logprobs.old, **advantages.extra_rows, advantages=advantages.token)
-        if c.policy.kl_loss_coef > 0:
-            train_rows["ref_logp"] = logprobs.ref.astype(np.float32)
+            rows=rollout.rows, config=c, critic=self.critic, components=parts))
+        train_rows, row_metrics = update_rows(rollout, logprobs, advantages, c, drawn.filler if drawn else None)
         t_prepare = time.perf_counter()
         update_metrics, cells = update_stage(self, train_rows)
         self.check_updates(update_metrics, step)
-        seconds = {"score": t_score - t0, "prepare": t_prepare - t_score, "train": time.perf_counter() - t_prepare}
+        seconds = {"score": seconds_score, "prepare": t_prepare - t_score, "train": time.perf_counter() - t_prepare}
         self.step = step
         metrics = step_metrics(rollout, rewards, logprobs, advantages, update_metrics, cells, c.ppo_epochs, seconds)
+        metrics.update(row_metrics, **(drawn.metrics if drawn else {}))
         if not np.isfinite(metrics["actor/actor_loss"]):
             raise TrainingDivergedError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
                                         f"(grad_norm {metrics.get('actor/grad_norm')}); the run stops and nothing "
                                         f"from this step is saved")
-        return StepResult(metrics=metrics, rewards=rewards, samples=rollout.samples)
+        return StepResult(metrics=metrics, rewards=rewards, samples=rollout.samples,
+                          groups=drawn.groups if drawn else None)
 
     def validate(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], step: int
                  ) -> tuple[dict[str, float], SampleOutput, RewardResult]:

@@ -98,9 +98,14 @@ class Rollout:
 def generate_rollout(learner: Any, prompt_ids: Sequence[Sequence[int]], key: jax.Array) -> Rollout:
     """Samples `learner.config.group_size` responses per prompt and dispatches the old-policy (when recomputed) and
     reference (when a KL term needs it) log-prob passes over the joined rows. `learner`: a `GRPOTrainer`."""
-    c = learner.config
     t0 = time.perf_counter()
     samples = learner.sampler.generate(prompt_ids, learner.sampling_config(), key)
+    return start_rollout(learner, samples, time.perf_counter() - t0)
+
+
+def start_rollout(learner: Any, samples: SampleOutput, seconds_generate: float) -> Rollout:
+    """The rollout of responses already sampled: rows joined, log-prob passes dispatched (`generate_rollout`)."""
+    c = learner.config
     t_generate = time.perf_counter()
     rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids,
                                     samples.response_mask)
@@ -113,5 +118,5 @@ def generate_rollout(learner: Any, prompt_ids: Sequence[Sequence[int]], key: jax
         pending_ref = dispatch_logprobs(learner.logprob_fn, (learner.ref_params, learner.frozen), rows,
                                         c.micro_batch_rows, place, layout)
     return Rollout(samples=samples, rows=rows, pending_old=pending_old, pending_ref=pending_ref,
-                   fetch=learner.placement.fetch, seconds_generate=t_generate - t0,
+                   fetch=learner.placement.fetch, seconds_generate=seconds_generate,
                    seconds_dispatch=time.perf_counter() - t_generate)

@@ -27,6 +27,7 @@ from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.models.hf_io import copy_tokenizer_files, load_hf_model, save_hf_model
 from toolrl_jax.placement import Placement
 from toolrl_jax.tokenization import stop_token_ids
+from toolrl_jax.training.dynamic_sampling import trained_groups
 from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, StepResult
 from toolrl_jax.training.loop import StepOutput, StepRecord, TrainLoop
 
@@ -184,7 +185,16 @@ def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: 
     base_key = jax.random.key(config.seed)
 
     def step_fn(batch: Any, step: int) -> StepOutput:
-        result = trainer.train_step(batch.prompt_ids, batch.ground_truths, jax.random.fold_in(base_key, step))
+        drawn = [batch]  # dynamic sampling's extra rounds draw from the same cursor (saved with the step)
+
+        def refill() -> Any:
+            drawn.append(dataset.next_batch())
+            return drawn[-1]
+
+        result = trainer.train_step(batch.prompt_ids, batch.ground_truths, jax.random.fold_in(base_key, step),
+                                    refill=refill if config.dynamic_sampling else None)
+        if result.groups is not None:
+            batch = trained_groups(drawn, result.groups)
         return StepOutput({**result.metrics, "data/epoch": dataset.epoch}, extras=(batch, result))
 
     loop = TrainLoop(step_fn, dataset, config.total_steps, state=trainer, checkpointer=checkpointer,

@@ -2,7 +2,8 @@
 
 Names: actor/* and critic/* (update means), reward/* (every reward component, `reward/<name>_std` for the ToolRL
 components), response/*, prompt/*, score/mean, advantage/abs_mean, entropy/rollout, kl/old_ref_k1, time/*,
-throughput/*, train/padding_fraction.
+throughput/*, train/padding_fraction; with recomputed old log-probs, rollout/logp_mismatch_mean and _max (the
+sampler's log-probs against the trainer's, |difference| over response tokens).
 """
 from __future__ import annotations
 
@@ -56,8 +57,19 @@ def step_metrics(rollout: Rollout, rewards: Any, logprobs: RolloutLogProbs, adva
         # share of the updates' [rows, columns] cells that are padding (trim_padding lowers it)
         "train/padding_fraction": 1.0 - real_cells / max(trained_cells, 1),
     })
-    if logprobs.entropy is not None:  # the sampler does not return entropies
+    if logprobs.entropy is not None:  # recomputed by the trainer (the sampler does not return entropies)
         metrics["entropy/rollout"] = float(masked_mean(jnp.asarray(logprobs.entropy), jnp.asarray(mask)))
+        metrics.update(logp_mismatch(logprobs.old, samples.logprobs, mask))
     if logprobs.ref is not None:
         metrics["kl/old_ref_k1"] = float((logprobs.old - logprobs.ref).sum() / max(n_tokens, 1.0))
     return metrics
+
+
+def logp_mismatch(trainer_logp: np.ndarray, sampler_logp: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """The sampler/trainer mismatch: mean and max over response tokens of |trainer - sampler| log-prob of the same
+    token (rollout engines and training forwards differ in kernels and precision; `tis_cap` corrects for it)."""
+    valid = np.asarray(mask).astype(bool)
+    if not valid.any():
+        return {}
+    diff = np.abs(np.asarray(trainer_logp, np.float64) - np.asarray(sampler_logp, np.float64))[valid]
+    return {"rollout/logp_mismatch_mean": float(diff.mean()), "rollout/logp_mismatch_max": float(diff.max())}

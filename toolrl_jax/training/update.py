@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from toolrl_jax.training.actor import update_normalizers
+from toolrl_jax.training.actor import loss_mask, update_normalizers
 from toolrl_jax.training.layout import stack_minibatches
 
 
@@ -28,7 +28,7 @@ def update_actor(learner: Any, minibatch: Mapping[str, np.ndarray]) -> tuple[dic
             learner.params, learner.opt_state, learner.frozen, placement.place_stacked(micros))
         return metrics, cells
     fns = learner.split_update
-    normalizers = jax.device_get(update_normalizers(minibatch["response_mask"], c.policy, len(micros),
+    normalizers = jax.device_get(update_normalizers(loss_mask(minibatch), c.policy, len(micros),
                                                     c.max_response_length))
     grads, micro_metrics = fns.zeros(learner.params), []
     for micro in micros:
