@@ -16,6 +16,7 @@ Run from the repository root. Plots and the summary table: python -m experiments
 """
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 import sys
 import time
@@ -33,7 +34,9 @@ flags.DEFINE_string("sweep_dir", None, "Where the runs go (default runs/sweeps/<
 flags.DEFINE_string("base", None, "Replace the spec's base flagfile(s), e.g. to try a sweep on a tiny model.")
 flags.DEFINE_multi_string("set", [], "FLAG=VALUE applied to every run after the spec (e.g. --set=model=/path); "
                           "part of each run's flagfile but not of its name.")
-flags.DEFINE_list("only", None, "Run names to act on (default: all runs of the spec).")
+flags.DEFINE_multi_string("only", None, "A run to act on, by name or shell pattern (repeat the flag for several; "
+                          "grid names hold commas, so one flag is one name: --only='toolrl,seed=0' --only='*seed=1'). "
+                          "Default: all runs of the spec.")
 flags.DEFINE_enum("action", "write", ["write", "status", "run", "tpu", "slurm"],
                   "write: write the runs' flagfiles and print their state; status: print the state only; run: write "
                   "and train them here in sequence; tpu / slurm: write and print a multi-host launch script.")
@@ -75,11 +78,11 @@ def _plan() -> tuple[sweeps.SweepSpec, Path, tuple[sweeps.PlannedRun, ...]]:
     except sweeps.SweepError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.only:
-        known = {r.name for r in runs}
-        unknown = [n for n in FLAGS.only if n not in known]
+        known = sorted(r.name for r in runs)
+        unknown = [p for p in FLAGS.only if not any(fnmatch.fnmatchcase(n, p) for n in known)]
         if unknown:
-            raise app.UsageError(f"--only: no run(s) {unknown} in {FLAGS.spec} (runs: {sorted(known)})")
-        runs = tuple(r for r in runs if r.name in FLAGS.only)
+            raise app.UsageError(f"--only: no run(s) {unknown} in {FLAGS.spec} (runs: {known})")
+        runs = tuple(r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in FLAGS.only))
     sweep_dir = Path(FLAGS.sweep_dir or Path("runs") / "sweeps" / spec.name)
     try:
         planned = sweeps.resolve_names(runs, sweep_dir, force_new=FLAGS.force_new)

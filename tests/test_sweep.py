@@ -446,3 +446,20 @@ def test_ppo_baseline_spec_parses_once_the_trainer_has_ppo(parsed):
         pytest.skip("experiments.grpo has no --algorithm flag yet (the PPO baseline's flags)")
     for run in runs:
         assert results[str(run.flagfile)]["ok"], f"{run.name}: {results[str(run.flagfile)].get('error')}"
+
+
+def test_sweep_cli_only_takes_grid_names_with_commas_and_patterns(tmp_path):
+    base = _base(tmp_path)
+    spec = _spec(tmp_path, {"name": "only", "base": str(base), "grid": {"lr": [1e-6, 2e-6], "seed": [0, 1]}})
+
+    def listed(*only: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--spec={spec}",
+                               f"--sweep_dir={tmp_path / 'out'}", "--action=status", *only],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(line.split()[0] for line in proc.stdout.splitlines() if line.startswith("lr="))
+
+    assert listed("--only=lr=1e-06,seed=1") == ["lr=1e-06,seed=1"]
+    assert listed("--only=*seed=0") == ["lr=1e-06,seed=0", "lr=2e-06,seed=0"]
+    assert listed("--only=lr=2e-06,seed=1", "--only=lr=1e-06,seed=0") == ["lr=1e-06,seed=0", "lr=2e-06,seed=1"]
+    assert len(listed()) == 4
