@@ -185,6 +185,11 @@ def test_run_grpo_in_process_validates_checkpoints_resumes_and_exports(tiny_chat
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
+    # Without the step-0 validation the run trains exactly the same (validation draws from fixed keys of its own).
+    late = tmp_path / "late"
+    _grpo(tiny_chat_model_dir, late, 3, val_before_train=False)
+    assert _lines(late) == lines[1:]
+
 
 @pytest.mark.slow
 def test_run_grpo_logs_every_reward_function_and_its_weighted_total(tiny_chat_model_dir, tmp_path):

@@ -136,6 +136,9 @@ class GRPOConfig:
         None, "Training widths of responses under --trim_padding, e.g. 128,256,512,1024 (default: powers of two "
               ">= 64).")
     val_every: int = option(5, "Greedy validation every N steps (0 = never); also at step 0 and the end.")
+    val_before_train: bool = option(
+        True, "Validate at step 0, before the first update (veRL's trainer.val_before_train). Validation uses fixed "
+              "keys, so leaving it out changes no training value: runs that share a start can skip it.")
     val_max_new_tokens: Optional[int] = option(None, "Validation response budget (default max_response_length).")
     val_samples: int = option(0, "Validation also samples N responses per held-out prompt at the rollout "
                                  "temperature, with a fixed key (val_sampled/* metrics, the quantity GRPO "

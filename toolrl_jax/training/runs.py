@@ -221,7 +221,7 @@ def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: 
 def _add_grpo_hooks(loop: TrainLoop, trainer: GRPOTrainer, config: GRPOConfig, writer: Optional[MetricsWriter],
                     progress: ProgressBar, val_prompts: list, val_truths: list) -> None:
     """Metrics and samples to the writer, the progress bar and the log each step; validation (needs the step's
-    weights) at the start, every val_every steps and at the end."""
+    weights) at the start (unless val_before_train is off), every val_every steps and at the end."""
 
     keys = progress_keys(trainer)
 
@@ -246,7 +246,8 @@ def _add_grpo_hooks(loop: TrainLoop, trainer: GRPOTrainer, config: GRPOConfig, w
 
     loop.add_hook(log_step)
     if config.val_every > 0:
-        loop.add_hook(validate, at="start")
+        if config.val_before_train:
+            loop.add_hook(validate, at="start")
         loop.add_hook(lambda record: validate(record.step), every=config.val_every, needs_state=True,
                       also_last=True)
 
