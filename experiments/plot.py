@@ -2,6 +2,7 @@ r"""Curves and a summary table across GRPO runs (a sweep's, or any list of run d
 
   python -m experiments.plot --sweep_dir=runs/sweeps/reward_ablations_qwen2.5_3b     # -> <sweep_dir>/plots/
   python -m experiments.plot --runs=runs/a,runs/b --out=plots/ --metrics=reward/total,val/accuracy
+  python -m experiments.plot --sweep_dir=runs/sweeps/algorithms_default --average_seeds   # mean and band over seeds
 
 Writes one PNG per metric (one curve per run) and summary.md: per run the final/best validation accuracy, the final
 reward components and, for runs evaluated into <run_dir>/eval (python -m experiments.evaluate --out=...), BFCL v3 /
@@ -26,6 +27,12 @@ flags.DEFINE_integer("smooth", 1, "Curves: also draw the trailing mean of the la
                      "metric (validation curves stay raw).", lower_bound=1)
 flags.DEFINE_integer("window", 1, "Table: average the reward components over the last N training steps.",
                      lower_bound=1)
+flags.DEFINE_bool("average_seeds", False, "Runs that differ only in their seed (sweep names like 'dapo,seed=1') "
+                  "become one curve, their mean, with a band from their min to max; summary_seeds.md gives each "
+                  "group's final values as mean ± half-range and per seed.")
+flags.DEFINE_list("seed_table_metrics", ["val_sampled/total", "val_sampled/format", "val_sampled/correctness",
+                                         "val/total", "val/accuracy"],
+                  "--average_seeds: the metrics of summary_seeds.md (their last logged values).")
 flags.DEFINE_string("eval_subdir", "eval", "Run subfolder holding an experiments.evaluate summary.json ('' = none).")
 
 
@@ -51,10 +58,15 @@ def main(argv: list[str]) -> None:
         names = [str(d) for d in run_dirs]
     try:
         runs = [plotting.load_run(d, name=n, eval_subdir=FLAGS.eval_subdir or None) for d, n in zip(run_dirs, names)]
-        results = plotting.plot_runs(runs, out, FLAGS.metrics, smooth=FLAGS.smooth)
+        results = plotting.plot_runs(plotting.average_seeds(runs) if FLAGS.average_seeds else runs, out,
+                                     FLAGS.metrics, smooth=FLAGS.smooth)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
+    if FLAGS.average_seeds:
+        seeds = plotting.markdown_seed_table(runs, FLAGS.seed_table_metrics)
+        (out / "summary_seeds.md").write_text(seeds, encoding="utf-8")
+        print(seeds)
     table = plotting.markdown_table([plotting.summarize_run(r, FLAGS.window) for r in runs], FLAGS.window)
     (out / "summary.md").write_text(table, encoding="utf-8")
     print(table)

@@ -215,3 +215,26 @@ def test_sweep_runs_two_real_runs_resumes_skips_and_plots_them(tiny_chat_model_d
             f"{_series(rows, 'val/total')[1][-1]:.3f}", f"{final['reward/total']:.3f}",
             f"{final['reward/format']:.3f}", f"{final['reward/correctness']:.3f}", f"{final['reward/length']:.3f}",
             f"{100 * final['reward/accuracy']:.2f}"], n
+
+
+def test_average_seeds_curves_bands_and_table(tmp_path):
+    def log(name, values, val):
+        rows = [{"step": i + 1, "reward/total": v} for i, v in enumerate(values)]
+        rows += [{"step": step, "val_sampled/total": v} for step, v in val]
+        return plotting.load_run(_write_log(tmp_path / name, rows), name=name)
+
+    runs = [log("a,seed=0", [1.0, 2.0, 3.0], [(0, -1.0), (3, 1.0)]),
+            log("a,seed=1", [3.0, 4.0], [(0, -1.0), (3, 2.0)]),
+            log("b,seed=0", [0.0], [(3, 0.5)])]
+    assert [plotting.seed_group_name(r.name) for r in runs] == ["a", "a", "b"]
+    a, b = plotting.average_seeds(runs)
+    assert (a.name, b.name) == ("a (2 seeds)", "b (1 seed)")
+    assert a.series["reward/total"] == ((1, 2.0), (2, 3.0))  # only the steps both seeds logged
+    assert a.series["val_sampled/total"] == ((0, -1.0), (3, 1.5))
+    assert a.series["val_sampled/total:min"] == ((0, -1.0), (3, 1.0))
+    assert a.series["val_sampled/total:max"] == ((0, -1.0), (3, 2.0))
+    (result,) = plotting.plot_runs([a, b], tmp_path / "plots", ["val_sampled/total"])
+    assert [(c.label, c.values) for c in result.curves] == [("a (2 seeds)", (-1.0, 1.5)), ("b (1 seed)", (0.5,))]
+    table = plotting.markdown_seed_table(runs, ["val_sampled/total", "reward/total"])
+    assert "| a | 2 | 3 | 1.500 ± 0.500 (1.000, 2.000) | 3.500 ± 0.500 (3.000, 4.000) |" in table
+    assert "| b | 1 | 3 | 0.500 ± 0.000 (0.500) | 0.000 ± 0.000 (0.000) |" in table

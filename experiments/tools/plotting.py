@@ -110,6 +110,36 @@ def find_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     return [p for p in ordered if (p / METRICS_FILE).is_file()]
 
 
+def seed_group_name(name: str) -> str:
+    """A run's name without its seed: the grid part 'seed=N' of a sweep run name ('dapo,seed=1' -> 'dapo')."""
+    parts = [p for p in name.split(",") if not p.startswith("seed=")]
+    return ",".join(parts) or name
+
+
+def average_seeds(runs: Sequence[RunLog]) -> list[RunLog]:
+    """One run per group of runs that differ only in their seed (`seed_group_name`), in first-seen order: each
+    metric's mean over the group at the steps every member logged, with its spread across the members as
+    '<metric>:min' and '<metric>:max' series (drawn as a band by `plot_metric`). Named '<group> (n seeds)'."""
+    groups: dict[str, list[RunLog]] = {}
+    for run in runs:
+        groups.setdefault(seed_group_name(run.name), []).append(run)
+    out = []
+    for name, members in groups.items():
+        series: dict[str, tuple[tuple[int, float], ...]] = {}
+        for metric in sorted(set().union(*(m.series for m in members))):
+            per_run = [dict(m.series.get(metric, ())) for m in members]
+            steps = sorted(set.intersection(*(set(r) for r in per_run)))
+            if not steps:
+                continue
+            values = [[r[step] for r in per_run] for step in steps]
+            series[metric] = tuple((st, sum(v) / len(v)) for st, v in zip(steps, values))
+            series[f"{metric}:min"] = tuple((st, min(v)) for st, v in zip(steps, values))
+            series[f"{metric}:max"] = tuple((st, max(v)) for st, v in zip(steps, values))
+        label = f"{name} ({len(members)} seed{'s' if len(members) > 1 else ''})"
+        out.append(RunLog(name=label, run_dir=members[0].run_dir, series=series))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- plots
 
 
@@ -151,7 +181,7 @@ def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike
     """One PNG of `metric` against step with one curve per run that logged it (Agg, no pyplot state).
 
     smooth > 1 draws each run's raw values faintly and their trailing `smooth`-step mean on top (the stored curve
-    data stays raw)."""
+    data stays raw). A run with '<metric>:min' / ':max' series (`average_seeds`) gets its spread as a band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -163,9 +193,15 @@ def plot_metric(runs: Sequence[RunLog], metric: str, out_path: str | os.PathLike
     fig = Figure(figsize=(7.0, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    bands = {run.name: (run.series.get(f"{metric}:min"), run.series.get(f"{metric}:max")) for run in runs}
     for curve in curves:
         marker = "o" if len(curve.steps) <= 30 else None
-        if smooth > 1 and len(curve.steps) > 1:
+        low, high = bands.get(curve.label, (None, None))
+        if low and high:
+            line = ax.plot(curve.steps, curve.values, label=curve.label, marker=marker, markersize=3, linewidth=1.5)
+            ax.fill_between([st for st, _ in low], [v for _, v in low], [v for _, v in high],
+                            color=line[0].get_color(), alpha=0.15, linewidth=0)
+        elif smooth > 1 and len(curve.steps) > 1:
             raw = ax.plot(curve.steps, curve.values, marker=marker, markersize=3, linewidth=1.0, alpha=0.35)
             ax.plot(curve.steps, moving_average(curve.values, smooth), color=raw[0].get_color(), linewidth=2.0,
                     label=f"{curve.label} (mean of last {smooth})")
@@ -291,4 +327,31 @@ def markdown_table(summaries: Sequence[RunSummary], window: int = 1) -> str:
     what = "the last training step" if window == 1 else f"the mean of the last {window} training steps"
     note = (f"Reward columns: {what} (rollout rewards, sampled). Validation: greedy decoding on the held-out split; "
             "'best' gives the step. Bold: the best run in a column where runs differ.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def markdown_seed_table(runs: Sequence[RunLog], metrics: Sequence[str]) -> str:
+    """Groups of seeds as rows (`seed_group_name`): for each metric its last logged value in each run, as the
+    mean over the group's runs and the spread (half the range), then the runs' own values."""
+    groups: dict[str, list[RunLog]] = {}
+    for run in runs:
+        groups.setdefault(seed_group_name(run.name), []).append(run)
+    header = ["Run", "Seeds", "Step"] + [f"{m} (mean ± half-range)" for m in metrics]
+    rows = []
+    for name, members in groups.items():
+        cells = [name, str(len(members))]
+        steps = {m.steps(metrics[0])[-1] for m in members if m.steps(metrics[0])}
+        cells.append(",".join(str(x) for x in sorted(steps)) or "N/A")
+        for metric in metrics:
+            finals = [m.values(metric)[-1] for m in members if m.values(metric)]
+            if not finals:
+                cells.append("N/A")
+                continue
+            mean, half = sum(finals) / len(finals), (max(finals) - min(finals)) / 2
+            cells.append(f"{mean:.3f} ± {half:.3f} ({', '.join(f'{v:.3f}' for v in finals)})")
+        rows.append(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(metrics)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = ("Each cell: the metric's last logged value per run, averaged over the group's seeds ± half their "
+            "range, then each seed's value in run order.")
     return "\n".join(lines) + "\n\n" + note + "\n"
