@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 from absl import app, flags
@@ -63,6 +63,9 @@ def define_common_flags() -> None:
                       "(data, seed, batch settings). Shape settings can never change.")
     flags.DEFINE_string("export_dir", None, "Write the final policy as a Hugging Face folder here.")
     flags.DEFINE_enum("export_dtype", "bfloat16", ["bfloat16", "float32"], "Dtype of exported weights.")
+    flags.DEFINE_enum("export_lora", "merged", ["merged", "peft"],
+                      "A LoRA policy is exported merged into its weights (a plain Hugging Face model) or as the "
+                      "adapters alone in a PEFT folder (adapter_config.json + adapter_model.safetensors).")
     flags.DEFINE_integer("seed", 0, "Seed for data order, sampling and initialisation.")
 
 
@@ -105,7 +108,8 @@ def run_config_from_flags():
     try:
         run = RunConfig(run_dir=FLAGS.run_dir, save_every=FLAGS.save_every, keep_checkpoints=FLAGS.keep_checkpoints,
                         resume=FLAGS.resume, resume_allow=tuple(FLAGS.resume_allow), export_dir=FLAGS.export_dir,
-                        export_dtype=FLAGS.export_dtype, launch_files={"flags.txt": FLAGS.flags_into_string()})
+                        export_dtype=FLAGS.export_dtype, export_lora=FLAGS.export_lora,
+                        launch_files={"flags.txt": FLAGS.flags_into_string()})
         run.resuming()
     except (ValueError, FileExistsError) as e:
         raise app.UsageError(f"{e} (--run_dir, --resume)") from None
@@ -242,3 +246,9 @@ def model_shape_settings(model_config: ModelConfig) -> dict:
     keys = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
             "head_dim", "tie_word_embeddings", "attention_bias", "param_dtype")
     return {k: getattr(model_config, k) for k in keys}
+
+
+def lora_shape_settings(lora: Any) -> dict:
+    """The LoRA settings that fix a checkpoint's shapes (run identity), recorded only when adapters are on, so runs
+    from before LoRA existed still resume."""
+    return {"lora": {"rank": lora.rank, "target_modules": lora.target_modules}} if lora.enabled else {}

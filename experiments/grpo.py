@@ -22,6 +22,7 @@ from experiments.common import (
     load_model_and_tokenizer,
     load_split,
     locate_model,
+    lora_shape_settings,
     make_placement,
     model_shape_settings,
     run_config_from_flags,
@@ -29,6 +30,7 @@ from experiments.common import (
 )
 from experiments.config_flags import config_values, define_config_flags, name_flags
 from toolrl_jax.datasets.batching import BatchingConfig
+from toolrl_jax.models.lora import LoRAConfig
 from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
 from toolrl_jax.run_identity import ResumeMismatchError
@@ -50,7 +52,8 @@ OPTIMIZER_FLAGS = define_config_flags(OptimizerConfig)
 CRITIC_FLAGS = define_config_flags(CriticConfig)
 VALUE_FLAGS = define_config_flags(ValueLossConfig)
 BATCHING_FLAGS = define_config_flags(BatchingConfig)
-ALL_FLAGS = (*GRPO_FLAGS, *POLICY_FLAGS, *OPTIMIZER_FLAGS, *CRITIC_FLAGS, *VALUE_FLAGS, *BATCHING_FLAGS)
+LORA_FLAGS = define_config_flags(LoRAConfig)
+ALL_FLAGS = (*GRPO_FLAGS, *POLICY_FLAGS, *OPTIMIZER_FLAGS, *CRITIC_FLAGS, *VALUE_FLAGS, *BATCHING_FLAGS, *LORA_FLAGS)
 flags.DEFINE_float("critic_lr", 1e-5, "PPO critic learning rate (constant, AdamW; the other AdamW settings are the "
                    "actor's).")
 flags.DEFINE_integer("sft_warmup_steps", 0,
@@ -83,7 +86,7 @@ def grpo_config_from_flags() -> GRPOConfig:
     with preset_context(FLAGS.algorithm_preset) if preset or preset_policy else contextlib.nullcontext():
         return GRPOConfig(**{**fields, **preset}, max_prompt_length=FLAGS.max_prompt_length, seed=FLAGS.seed,
                           policy=PolicyLossConfig(**{**policy, **preset_policy}), optimizer=optimizer, critic=critic,
-                          reward=reward_flags.reward_config_from_flags())
+                          reward=reward_flags.reward_config_from_flags(), lora=LoRAConfig(**config_values(LORA_FLAGS)))
 
 
 def batching_from_flags(config: GRPOConfig) -> BatchingConfig:
@@ -126,7 +129,7 @@ def _shape_settings(model_config, config: GRPOConfig) -> dict:
     """What fixes the checkpoint's array shapes (run identity: can never change on --resume)."""
     return {"model": model_shape_settings(model_config), "train_last_layers": FLAGS.train_last_layers,
             "trainable_regex": config.trainable_regex, "adam_mu_dtype": config.optimizer.mu_dtype,
-            "algorithm": config.algorithm}
+            "algorithm": config.algorithm, **lora_shape_settings(config.lora)}
 
 
 def _run_settings(config: GRPOConfig) -> dict:

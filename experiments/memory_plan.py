@@ -4,6 +4,7 @@ r"""Memory plan for GRPO: bytes per parameter and per token, per-device peak by 
     python -m experiments.memory_plan --model=preset:qwen2.5-3b --devices=1 --device_memory_gib=80 --remat \
         --micro_batch_rows=2 --rollout_prompts=16
     python -m experiments.memory_plan --model=/path/to/hf_folder --devices=4 --mesh=1,4,1   # one given mesh
+    python -m experiments.memory_plan --model=preset:qwen2.5-7b --lora_rank=16 --lora_base_dtype=bfloat16  # LoRA
 
 --model takes a preset (see toolrl_jax.models.config.PRESETS plus qwen2.5-14b/32b from
 experiments.tools.memory_model) or a Hugging Face folder with config.json. The figures are estimates (docs/memory.md
@@ -48,6 +49,9 @@ _ACCUMULATION = flags.DEFINE_bool("grad_accumulation", True,
                                   "separate gradient accumulator.")
 _MU_DTYPE = flags.DEFINE_enum("adam_mu_dtype", None, ["float32", "bfloat16"],
                               "AdamW first-moment dtype (default: the parameter dtype).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank on every projection (0 = the weights train).")
+_LORA_BASE = flags.DEFINE_enum("lora_base_dtype", None, ["float32", "bfloat16"],
+                               "LoRA: the frozen base's dtype (default: --param_dtype).")
 _MESH = flags.DEFINE_list("mesh", None, "Evaluate only this data,fsdp,tensor mesh instead of recommending one.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the plan as JSON here.")
 
@@ -76,7 +80,7 @@ def _setup() -> mm.GRPOMemorySetup:
             rollout_prompts=_ROLLOUT.value, group_size=_GROUP.value, prefill_chunk=_PREFILL.value or None,
             reference=_REFERENCE.value, reference_in_compute_dtype=_REFERENCE_COMPUTE.value,
             logits_chunk_size=_HEAD_CHUNK.value or None, grad_accumulation=_ACCUMULATION.value,
-            adam_mu_dtype=_MU_DTYPE.value)
+            adam_mu_dtype=_MU_DTYPE.value, lora_rank=_LORA_RANK.value, lora_base_dtype=_LORA_BASE.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 

@@ -22,12 +22,14 @@ from experiments.common import (
     define_common_flags,
     load_model_and_tokenizer,
     load_split,
+    lora_shape_settings,
     make_placement,
     model_shape_settings,
     run_config_from_flags,
     validate_common_flags,
 )
 from experiments.config_flags import config_values, define_config_flags, name_flags
+from toolrl_jax.models.lora import LoRAConfig
 from toolrl_jax.run_identity import ResumeMismatchError
 from toolrl_jax.training.runs import ModelSource, run_sft
 from toolrl_jax.training.sft import SFTConfig
@@ -37,11 +39,13 @@ define_common_flags()
 FLAGS.set_default("run_dir", "runs/sft")
 # One flag per option field of SFTConfig (experiments/config_flags.py); its defaults are SFT's (lr 5e-5, cosine).
 SFT_FLAGS = define_config_flags(SFTConfig)
+LORA_FLAGS = define_config_flags(LoRAConfig)
 flags.DEFINE_integer("holdout", 0, "Hold out this many training examples (seeded choice) for evaluation.")
 
 
 def sft_config_from_flags() -> SFTConfig:
-    return SFTConfig(**config_values(SFT_FLAGS), max_prompt_length=FLAGS.max_prompt_length, seed=FLAGS.seed)
+    return SFTConfig(**config_values(SFT_FLAGS), max_prompt_length=FLAGS.max_prompt_length, seed=FLAGS.seed,
+                     lora=LoRAConfig(**config_values(LORA_FLAGS)))
 
 
 def _validate_flags() -> SFTConfig:
@@ -51,7 +55,7 @@ def _validate_flags() -> SFTConfig:
     try:
         return sft_config_from_flags()
     except ValueError as e:
-        raise app.UsageError(f"invalid flags: {name_flags(e, SFT_FLAGS)}") from None
+        raise app.UsageError(f"invalid flags: {name_flags(e, (*SFT_FLAGS, *LORA_FLAGS))}") from None
 
 
 def check_held_out(examples: list) -> list:
@@ -93,7 +97,7 @@ def main(argv: list[str]) -> None:
     try:
         run_sft(ModelSource(model, tokenizer, Path(FLAGS.tokenizer or model_folder)), config, run,
                 train=train_examples, val=[*val_examples, *held_out], placement=placement,
-                shapes={"model": model_shape_settings(model_config)},
+                shapes={"model": model_shape_settings(model_config), **lora_shape_settings(config.lora)},
                 settings={name: getattr(FLAGS, name) for name in (
                     "data", "val_data", "seed", "holdout", "batch_size", "max_length", "max_prompt_length",
                     "packing", "bad_rows")},

@@ -133,7 +133,8 @@ def _length_bonus(responses, ground_truths, step):
     return [1.0 / (1.0 + len(r)) for r in responses]
 
 
-def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, reward: Any = None, **overrides):
+def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, reward: Any = None,
+          export_lora: str = "merged", **overrides):
     from toolrl_jax.datasets.batching import BatchingConfig
     from toolrl_jax.datasets.synthetic import make_synthetic_split
     from toolrl_jax.models.hf_io import load_hf_model
@@ -143,11 +144,12 @@ def _grpo(tiny_chat_model_dir, run_dir, total_steps: int, resume: bool = False, 
     from toolrl_jax.training.runs import ModelSource, RunConfig, run_grpo
 
     train, val = make_synthetic_split(8, 2, seed=0)
-    config = GRPOConfig(prompts_per_step=2, group_size=2, mini_batch_prompts=1, micro_batch_rows=2,
-                        max_prompt_length=96, max_response_length=6, total_steps=total_steps, val_every=2,
-                        optimizer=OptimizerConfig(learning_rate=1e-3), train_last_layers=1, **overrides)
+    fields = dict(prompts_per_step=2, group_size=2, mini_batch_prompts=1, micro_batch_rows=2, max_prompt_length=96,
+                  max_response_length=6, total_steps=total_steps, val_every=2,
+                  optimizer=OptimizerConfig(learning_rate=1e-3), train_last_layers=1)
+    config = GRPOConfig(**{**fields, **overrides})
     run = RunConfig(run_dir=str(run_dir), save_every=1, resume=resume, export_dir=str(run_dir / "export"),
-                    export_dtype="float32", launch_files={"flags.txt": "--test\n"})
+                    export_dtype="float32", export_lora=export_lora, launch_files={"flags.txt": "--test\n"})
     _, model = load_hf_model(tiny_chat_model_dir, dtype="float32")
     source = ModelSource(model, load_tokenizer(tiny_chat_model_dir), tiny_chat_model_dir)
     return run_grpo(source, config, run, train=train, val=val,
@@ -206,3 +208,26 @@ def test_run_grpo_logs_every_reward_function_and_its_weighted_total(tiny_chat_mo
     assert step["reward/total"] == pytest.approx(step["reward/toolrl/score"] + 0.5 * step["reward/brevity/score"])
     sample = json.loads((tmp_path / "run" / "sample_log.jsonl").read_text().splitlines()[0])
     assert {"reward", "toolrl/score", "brevity/score"} <= set(sample)
+
+
+@pytest.mark.slow
+def test_run_grpo_with_lora_checkpoints_adapters_resumes_exactly_and_exports_peft(tiny_chat_model_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    from toolrl_jax.models.lora import LoRAConfig
+
+    lora = dict(lora=LoRAConfig(rank=4, alpha=8.0), train_last_layers=0, kl_coef=0.01, export_lora="peft", val_every=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _grpo(tiny_chat_model_dir, straight, 2, **lora)
+    _grpo(tiny_chat_model_dir, resumed, 1, **lora)
+    _grpo(tiny_chat_model_dir, resumed, 2, resume=True, **lora)
+    assert _lines(resumed) == _lines(straight)
+    a = load_file(str(straight / "export" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "export" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k), "the adapters trained"
+    # A checkpoint holds the adapters and their optimizer state only: far smaller than the model.
+    checkpoint_bytes = sum(f.stat().st_size for f in (straight / "checkpoints").rglob("*") if f.is_file())
+    assert checkpoint_bytes < (tiny_chat_model_dir / "model.safetensors").stat().st_size / 4

@@ -243,3 +243,27 @@ def test_memory_plan_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.memory_plan", "--model=preset:nope"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown model preset 'preset:nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("base_dtype", [None, "bfloat16"])
+def test_lora_trainer_state_bytes_are_predicted_exactly(base_dtype):
+    from toolrl_jax.models.lora import LoRAConfig, apply_lora
+    from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
+
+    config = ModelConfig.tiny("qwen2", dtype="bfloat16", param_dtype="float32")
+    lora = LoRAConfig(rank=4, base_dtype=base_dtype)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    apply_lora(model, lora, jax.random.key(0))
+    grpo = GRPOConfig(prompts_per_step=2, group_size=2, mini_batch_prompts=2, micro_batch_rows=2, kl_coef=0.001,
+                      max_prompt_length=8, max_response_length=4, lora=lora)
+    trainer = GRPOTrainer(model, grpo, tokenizer=_IdsTokenizer(), pad_id=0, stop_token_ids=(2,))
+    adapters = sum(int(np.prod(s)) for _, s in mm.lora_param_shapes(config, 4))
+    assert trainer.num_trainable == adapters
+    est = mm.estimate(config, mm.GRPOMemorySetup(reference=True, lora_rank=4, lora_base_dtype=base_dtype))
+    assert est.state["params"] == _nbytes(trainer.params) + _nbytes(trainer.frozen)
+    moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim]
+    assert est.state["adam_moments"] - mm.ADAMW_SCALAR_BYTES == _nbytes(moments) == 8 * adapters
+    assert est.state["reference"] == _nbytes(trainer.ref_params) == 4 * adapters
+    assert est.train["grads"] == 4 * adapters  # gradients of the adapters only
+    full = mm.estimate(config, mm.GRPOMemorySetup(reference=True))
+    assert est.state_bytes < full.state_bytes / 2

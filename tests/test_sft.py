@@ -273,3 +273,26 @@ def _usage_errors(*argvs: list[str]) -> list[str]:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
+
+
+def test_lora_sft_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_chat_model_dir, tok):
+    from toolrl_jax.models.lora import LoRAConfig, adapted_layers, apply_lora
+
+    examples = _short_examples(tok, 8, seed=4)
+    cfg = SFTConfig(learning_rate=3e-2, lr_schedule="constant", warmup_ratio=0.0, epochs=None, max_steps=4,
+                    batch_size=8, micro_batch_size=4, max_length=64, max_prompt_length=8, logits_chunk_size=32,
+                    remat=True, lora=LoRAConfig(rank=8))
+    model = _model(tiny_chat_model_dir)
+    apply_lora(model, cfg.lora, jax.random.key(0))
+    trainer = SFTTrainer(model, tok, examples, cfg, eval_examples=examples[:2])
+    trained = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainer.params)]
+    assert trained and all(p.endswith(("'lora_a'].value", "'lora_b'].value")) for p in trained), trained[:3]
+    before = trainer.evaluate()["eval/loss"]
+    history = trainer.train()
+    assert history[-1]["loss"] < history[0]["loss"] and trainer.evaluate()["eval/loss"] < before
+    policy = trainer.model()
+    assert any(np.abs(np.asarray(d.lora_b[...])).max() > 0 for d in adapted_layers(policy).values())
+    base = nnx.state(_model(tiny_chat_model_dir))
+    after = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(policy))}
+    for path, value in jax.tree_util.tree_leaves_with_path(base):
+        np.testing.assert_array_equal(np.asarray(after[jax.tree_util.keystr(path)]), np.asarray(value))

@@ -84,6 +84,11 @@ class GRPOMemorySetup:
     logits_chunk_size: response positions per vocabulary projection in the log-prob head (GRPOConfig's
       logits_chunk_size; None = all at once).
     adam_mu_dtype: AdamW's first-moment dtype (OptimizerConfig.mu_dtype; None = param_dtype).
+    lora_rank: LoRA adapters of this rank on every attention and MLP projection (LoRAConfig.rank; 0 = the weights
+      train). The base is then frozen (no gradients, moments or reference copy: the reference is the base with
+      zero adapters) and the adapters, in param_dtype and replicated, carry the optimizer state. Their activations
+      (a rank-wide intermediate per projection and token) are left out: under 0.1% of a layer's.
+    lora_base_dtype: the frozen base's dtype under LoRA (LoRAConfig.base_dtype; None = param_dtype).
     """
 
     micro_batch_rows: int = 8
@@ -98,8 +103,12 @@ class GRPOMemorySetup:
     sampler_copy: bool = True
     logits_chunk_size: Optional[int] = 512
     adam_mu_dtype: Optional[str] = None
+    lora_rank: int = 0
+    lora_base_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"GRPOMemorySetup.lora_rank must be >= 0, got {self.lora_rank}")
         for name in ("micro_batch_rows", "prompt_len", "response_len", "rollout_prompts", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOMemorySetup.{name} must be >= 1, got {getattr(self, name)}")
@@ -155,6 +164,22 @@ def param_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def lora_param_shapes(config: ModelConfig, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, shape) of the LoRA matrices `models.lora.apply_lora` adds with its default targets (every attention
+    and MLP projection): A [in, rank] and B [rank, out] per projection."""
+    h, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    out = []
+    for i in range(config.num_layers):
+        for module, name, fan_in, fan_out in (("attn", "q_proj", h, q), ("attn", "k_proj", h, kv),
+                                              ("attn", "v_proj", h, kv), ("attn", "o_proj", q, h),
+                                              ("mlp", "gate_proj", h, f), ("mlp", "up_proj", h, f),
+                                              ("mlp", "down_proj", f, h)):
+            out += [(f"layers/{i}/{module}/{name}/lora_a", (fan_in, rank)),
+                    (f"layers/{i}/{module}/{name}/lora_b", (rank, fan_out))]
+    return out
+
+
 def compute_copy_params(config: ModelConfig, head_chunked: bool = False) -> int:
     """Parameters whose compute-dtype copy (cast or broadcast) autodiff saves for the backward pass.
 
@@ -194,13 +219,18 @@ def shard_fraction(path: str, shape: Sequence[int], mesh: tuple[int, int, int],
 
 def sharded_params(config: ModelConfig, mesh: tuple[int, int, int] = (1, 1, 1)) -> float:
     """Parameters held by one device (all of them on a 1x1x1 mesh)."""
+    return _sharded(param_shapes(config), mesh)
+
+
+def _sharded(shapes: Sequence[tuple[str, tuple[int, ...]]], mesh: tuple[int, int, int]) -> float:
+    """Elements of these (path, shape) arrays one device holds under the partition rules."""
     import logging
 
     logger = logging.getLogger("toolrl_jax.sharding")
     level = logger.level
     logger.setLevel(logging.ERROR)  # non-divisible dims are expected here (e.g. 2 KV heads over tensor=4)
     try:
-        return sum(math.prod(s) * shard_fraction(p, s, mesh) for p, s in param_shapes(config))
+        return sum(math.prod(s) * shard_fraction(p, s, mesh) for p, s in shapes)
     finally:
         logger.setLevel(level)
 
@@ -389,14 +419,27 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
     per_param = bytes_per_parameter(config, setup)
     state = {k: per_param[k] * n_dev for k in ("params", "adam_moments", "reference")}
     state["adam_moments"] += ADAMW_SCALAR_BYTES
+    trained = n_dev  # parameters with gradients, moments and optimizer temporaries, per device
+    compute_copies = per_param["compute_copies"] * n_dev
+    sampler_copy = per_param["sampler_copy"] * n_dev  # released by the trainer for its updates
+    if setup.lora_rank:
+        trained = _sharded(lora_param_shapes(config, setup.lora_rank), mesh)
+        base = config.replace(param_dtype=setup.lora_base_dtype or config.param_dtype)
+        adapter_casts = c * trained if _casts(config) else 0.0
+        state["params"] = dtype_bytes(base.param_dtype) * n_dev + per_param["params"] * trained
+        state["adam_moments"] = per_param["adam_moments"] * trained + ADAMW_SCALAR_BYTES
+        # The reference is the base: zero adapters (param_dtype) over the same frozen weights.
+        state["reference"] = per_param["params"] * trained if setup.reference else 0.0
+        compute_copies = c * compute_copy_params(base, setup.head_chunked) / config.num_params * n_dev + adapter_casts
+        sampler_copy = (c * n_dev if _casts(base) else 0.0) + adapter_casts if setup.sampler_copy else 0.0
 
     rows = max(setup.micro_batch_rows / dp, 1.0)  # batch rows one device trains at a time
     t, r = setup.seq_len, setup.response_len
     layer_params = sum(math.prod(s) for path, s in param_shapes(config) if path.startswith("layers/0/"))
     gathered = 2 * layer_params * c / tensor if fsdp > 1 else 0.0  # two layers' all-gathered compute weights
     per_layer_tok = layer_activation_bytes_per_token(config, t, tensor)
-    train = {k: per_param[k] * n_dev for k in ("grads", "grad_accumulator", "update_temporaries")}
-    train["compute_copies"] = per_param["compute_copies"] * n_dev
+    train = {k: per_param[k] * trained for k in ("grads", "grad_accumulator", "update_temporaries")}
+    train["compute_copies"] = compute_copies
     train["activations"] = activation_bytes(config, rows, t, r, tensor, setup.logits_chunk_size)
     w = _dims(config, tensor)
     # Backward working set: the float32 logits gradient and its compute-dtype cast (a chunked head also recomputes
@@ -407,7 +450,6 @@ def estimate(config: ModelConfig, setup: GRPOMemorySetup = GRPOMemorySetup(),
     train["backward_working_set"] = max(layer_ws, logits_bwd)
     train["gathered_weights"] = gathered
 
-    sampler_copy = per_param["sampler_copy"] * n_dev  # released by the trainer for its updates
     logprob = {
         "sampler_copy": sampler_copy,
         "layer_working_set": rows * t * per_layer_tok,

@@ -45,8 +45,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype |
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+class LoRAParam(nnx.Param):
+    """A low-rank adapter matrix (models/lora.py): a Param of its own type, so filters can tell it from the base."""
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel stored [in, out] in param_dtype, applied in the compute dtype."""
+    """y = x @ kernel (+ bias) (+ scale * (x @ lora_a) @ lora_b when `models.lora` adds an adapter); kernel stored
+    [in, out] in param_dtype, applied in the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
                  rngs: nnx.Rngs):
@@ -55,11 +60,18 @@ class Dense(nnx.Module):
             std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.dtype(config.param_dtype)))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.dtype(config.param_dtype))) if use_bias else None
         self.dtype = jnp.dtype(config.dtype)
+        self.lora_a: Optional[LoRAParam] = nnx.data(None)  # [in, rank]
+        self.lora_b: Optional[LoRAParam] = nnx.data(None)  # [rank, out]
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:  # as PEFT: base(x) + B(A(x)) * scale
+            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
 

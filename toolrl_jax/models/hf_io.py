@@ -151,6 +151,10 @@ def save_hf_model(model: CausalLM, folder: str | Path, *, dtype: str = "bfloat16
     """
     config: ModelConfig = model.config
     params = model_params_numpy(model)
+    adapters = sorted("/".join(map(str, p)) for p in params if str(p[-1]) in ("lora_a", "lora_b"))
+    if adapters:
+        raise ValueError(f"save_hf_model: the model has LoRA adapters ({adapters[0]}, ...): write "
+                         "models.lora.merge_lora(model) for a plain model, or models.lora.save_peft_adapter")
     if jax.process_index() != 0:
         return Path(folder)
     np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}[dtype]

@@ -34,6 +34,7 @@ from flax import nnx
 
 from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.models.decoder import CausalLM, cast_floating
+from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, base_adapters, has_lora
 from toolrl_jax.optim import DivergenceGuard, OptimizerConfig, TrainingDivergedError, check_schedule, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.rewards.config import RewardConfig
@@ -113,6 +114,7 @@ class GRPOConfig:
               "policy-gradient term by min(exp(old_logp - sampler_logp), C) (needs --recompute_old_logprobs; "
               "default off).")
     critic: CriticConfig = CriticConfig()
+    lora: LoRAConfig = LoRAConfig()
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     reward: RewardConfig = RewardConfig()
@@ -156,6 +158,9 @@ class GRPOConfig:
         need(self.train_last_layers >= 0, f"train_last_layers must be >= 0, got {self.train_last_layers}")
         need(not (self.train_last_layers and self.trainable_regex),
              "set train_last_layers or trainable_regex, not both")
+        need(not (self.lora.enabled and (self.train_last_layers or self.trainable_regex)),
+             f"lora_rank={self.lora.rank} trains LoRA adapters only: set train_last_layers=0 and no trainable_regex "
+             "(--lora_target_modules chooses the adapted projections, e.g. layers/(2[0-9])/ for the last layers)")
         for name in ("val_every", "val_samples", "log_samples"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.val_max_new_tokens is None or self.val_max_new_tokens >= 1,
@@ -307,7 +312,11 @@ class GRPOTrainer:
         self.config = config
         self.tokenizer = tokenizer
         self.placement = placement
-        trainable = config.trainable_pattern(model.config.num_layers)
+        self.lora = has_lora(model)
+        if self.lora and (config.train_last_layers or config.trainable_regex):
+            raise ValueError("GRPOTrainer: the model has LoRA adapters, which are all that trains: set "
+                             "train_last_layers=0 and trainable_regex=None")
+        trainable = LORA_PARAM_REGEX if self.lora else config.trainable_pattern(model.config.num_layers)
         self.graphdef, params, self.frozen = nnx.split(model, trainable_filter(trainable), ...)
         if not jax.tree.leaves(params):
             raise ValueError(f"GRPOConfig.trainable_regex={trainable!r} matches no parameter")
@@ -316,9 +325,12 @@ class GRPOTrainer:
         self.opt_state = placement.init_opt_state(self.optimizer, params)
         param_shardings = placement.state_shardings(params)
         opt_shardings = placement.state_shardings(self.opt_state)
-        # The reference policy is a frozen copy of the initial trainable weights (kept only when a KL term needs it).
+        # The reference policy is a frozen copy of the initial trainable weights (kept only when a KL term needs it);
+        # with LoRA it is the base model itself: zero adapters over the shared frozen weights.
         self.ref_params = None
-        if config.needs_reference:
+        if config.needs_reference and self.lora:
+            self.ref_params = base_adapters(params)
+        elif config.needs_reference:
             ref_dtype = jnp.dtype(model.config.dtype) if config.reference_in_compute_dtype else None
             self.ref_params = cast_floating(params, ref_dtype, copy=True)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer,

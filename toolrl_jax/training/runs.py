@@ -25,6 +25,7 @@ from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.models.hf_io import copy_tokenizer_files, load_hf_model, save_hf_model
+from toolrl_jax.models.lora import apply_lora, has_lora, merge_lora, save_peft_adapter
 from toolrl_jax.placement import Placement
 from toolrl_jax.tokenization import stop_token_ids
 from toolrl_jax.training.dynamic_sampling import trained_groups
@@ -34,6 +35,8 @@ from toolrl_jax.training.loop import StepOutput, StepRecord, TrainLoop
 logger = logging.getLogger(__name__)
 
 WARMUP_DIR = "warmup_model"
+EXPORT_LORA = ("merged", "peft")
+LORA_KEY = 0x10A  # folded into the run's seed for the adapters' initial A matrices
 GRPO_PROGRESS_KEYS = ("reward/total", "reward/format", "reward/correctness", "reward/accuracy")
 
 
@@ -42,7 +45,8 @@ class RunConfig:
     """Where a run writes and how it continues. run_dir: its folder; save_every / keep_checkpoints: checkpoint
     cadence and retention; resume: continue the newest checkpoint (else a run_dir with checkpoints is refused);
     resume_allow: deliberate differences from the recorded start (`run_identity.OVERRIDABLE`); export_dir /
-    export_dtype: write the final policy as a Hugging Face folder; launch_files: {name: text} written at each start
+    export_dtype: write the final policy as a Hugging Face folder; export_lora: a LoRA policy merged or as a PEFT
+    adapter folder; launch_files: {name: text} written at each start
     (e.g. the flags), earlier launches' kept."""
 
     run_dir: str
@@ -52,10 +56,13 @@ class RunConfig:
     resume_allow: tuple[str, ...] = ()
     export_dir: Optional[str] = None
     export_dtype: str = "bfloat16"
+    export_lora: str = "merged"
     launch_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         CheckpointConfig(save_every=self.save_every, keep_last=self.keep_checkpoints)  # validates both
+        if self.export_lora not in EXPORT_LORA:
+            raise ValueError(f"RunConfig.export_lora must be one of {EXPORT_LORA}, got {self.export_lora!r}")
         unknown = set(self.resume_allow) - set(run_identity.OVERRIDABLE)
         if unknown:
             raise ValueError(f"RunConfig.resume_allow: unknown {sorted(unknown)}; choose from "
@@ -148,12 +155,23 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
 
 
-def export_policy(model: CausalLM, run: RunConfig, source_folder: Path) -> None:
-    """Writes the policy as a Hugging Face folder (run.export_dir) with the tokenizer files of its source."""
-    out = save_hf_model(model, run.export_dir, dtype=run.export_dtype)
+def export_policy(model: CausalLM, run: RunConfig, source_folder: Path,
+                  extra_files: Optional[Mapping[str, str]] = None) -> Path:
+    """Writes the policy as a Hugging Face folder (run.export_dir) with the tokenizer files of its source (and
+    `extra_files`). A model with LoRA adapters is written merged (a plain model), or with run.export_lora='peft' as
+    the adapters alone in a PEFT folder over the source model."""
+    if has_lora(model) and run.export_lora == "peft":
+        out = save_peft_adapter(model, run.export_dir, base_model=str(source_folder))
+        if jax.process_index() == 0:
+            for name, text in (extra_files or {}).items():
+                (out / name).write_text(text)
+    else:
+        out = save_hf_model(merge_lora(model) if has_lora(model) else model, run.export_dir, dtype=run.export_dtype,
+                            extra_files=dict(extra_files or {}))
     if jax.process_index() == 0:
         copy_tokenizer_files(source_folder, out)
     logger.info("exported the policy to %s", out)
+    return out
 
 
 def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: Sequence[ToolRLExample],
@@ -169,6 +187,9 @@ def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: 
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
     model = sft_warmup(source, train, warmup, run.run_dir, placement) if warmup is not None else source.model
+    if config.lora.enabled:  # after the warm-up, which trains the full weights; a resume restores the adapters
+        adapted = apply_lora(model, config.lora, jax.random.fold_in(jax.random.key(config.seed), LORA_KEY))
+        logger.info("LoRA rank %d on %d projections (%s ...)", config.lora.rank, len(adapted), adapted[0])
     tokenizer = source.tokenizer
     encode = chat_encoder(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_ids[0]
@@ -263,6 +284,9 @@ def run_sft(source: ModelSource, config: Any, run: RunConfig, *, train: Sequence
     resuming = run.resuming()
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
+    if config.lora.enabled:  # the adapters train, the model stays frozen; a resume restores the adapters
+        adapted = apply_lora(source.model, config.lora, jax.random.fold_in(jax.random.key(config.seed), LORA_KEY))
+        logger.info("LoRA rank %d on %d projections (%s ...)", config.lora.rank, len(adapted), adapted[0])
     trainer = SFTTrainer(source.model, source.tokenizer, train, config, eval_examples=val, placement=placement)
     logger.info("sft: %d training examples (%d dropped, %d prompts truncated), %d held out; %d steps of %d "
                 "examples (%d per epoch)", trainer.report.num_kept, trainer.report.num_dropped,
@@ -295,9 +319,6 @@ def run_sft(source: ModelSource, config: Any, run: RunConfig, *, train: Sequence
     if run.export_dir:
         record = {"base_model": str(source.folder), "steps": trainer.step, "sft": dataclasses.asdict(config),
                   **(provenance or {})}
-        out = save_hf_model(trainer.model(), run.export_dir, dtype=run.export_dtype,
-                            extra_files={"toolrl_sft.json": json.dumps(record, indent=2)})
-        if jax.process_index() == 0:
-            copy_tokenizer_files(source.folder, out)
-        logger.info("exported the fine-tuned model to %s (start GRPO from it with --model=%s)", out, out)
+        out = export_policy(trainer.model(), run, source.folder, {"toolrl_sft.json": json.dumps(record, indent=2)})
+        logger.info("start GRPO from the fine-tuned model with --model=%s", out)
     return trainer

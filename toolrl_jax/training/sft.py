@@ -31,6 +31,7 @@ from flax import nnx
 from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
+from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, has_lora
 from toolrl_jax.optim import SCHEDULES, DivergenceGuard, OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.training.accumulation import accumulate_gradients
@@ -45,6 +46,7 @@ from toolrl_jax.training.sft_data import (
     TokenizeReport,
     tokenize_examples,
 )
+from toolrl_jax.training.trainable import trainable_filter
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class SFTConfig:
     bucket_lengths: Optional[tuple[int, ...]] = None
     sort_window: int = 16
     seed: int = 0  # the shared --seed flag
+    lora: LoRAConfig = LoRAConfig()  # rank > 0: run_sft trains LoRA adapters on a frozen base
     log_every: int = option(1, "Write metrics every N steps.")
     eval_every: int = option(0, "Evaluate on the held-out data every N steps (0 = only before and after training).")
     eval_batch_size: int = option(8, "Examples per evaluation batch.")
@@ -178,25 +181,27 @@ def token_nll(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], ta
     return map_position_chunks(one, hidden, targets, chunk_size)
 
 
-def micro_batch_sums(graphdef: nnx.GraphDef, params: Any, micro: Batch,
-                     chunk_size: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLL, sum of weighted argmax hits) of one micro-batch [rows, T]."""
-    model = nnx.merge(graphdef, params)
+def micro_batch_sums(graphdef: nnx.GraphDef, params: Any, micro: Batch, chunk_size: Optional[int] = None,
+                     frozen: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token NLL, sum of weighted argmax hits) of one micro-batch [rows, T]; frozen: the weights
+    that do not train (LoRA's base), or None when params are all of them. The model gets Variables of its own
+    (copy=True): under a scan (evaluation) with remat, reusing the caller's would mutate another trace's."""
+    model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)), copy=True)
     hidden, _ = model.hidden_states(micro["input_ids"], micro["positions"], micro["segment_ids"])
     nll, correct = token_nll(hidden, model.logits_from_hidden, micro["target_ids"], chunk_size)
     w = micro["loss_weights"].astype(jnp.float32)
     return jnp.sum(jnp.where(w > 0, nll * w, 0.0)), jnp.sum(jnp.where(correct, w, 0.0))
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk_size: Optional[int] = None
-                   ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
-    """Token-mean loss of a whole batch [num_micro, micro, T], its gradient (accumulated micro-batch by
-    micro-batch against the global target-token count) and metrics."""
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk_size: Optional[int] = None,
+                   frozen: Any = None) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """Token-mean loss of a whole batch [num_micro, micro, T], its gradient with respect to params (accumulated
+    micro-batch by micro-batch against the global target-token count) and metrics."""
     chex.assert_rank(batch["input_ids"], 3)
     total = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(p, micro):
-        nll_sum, hits = micro_batch_sums(graphdef, p, micro, chunk_size)
+        nll_sum, hits = micro_batch_sums(graphdef, p, micro, chunk_size, frozen)
         return nll_sum / total, hits
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -212,10 +217,10 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk_size
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer, optimizer_config: OptimizerConfig,
                     chunk_size: Optional[int] = None, param_shardings: Any = None, opt_shardings: Any = None):
-    """jit(params, opt_state, batch) -> (params, opt_state, metrics), params and opt_state donated."""
+    """jit(params, opt_state, batch, frozen=None) -> (params, opt_state, metrics), params and opt_state donated."""
 
-    def step(params, opt_state, batch):
-        _, grads, metrics = loss_and_grads(graphdef, params, batch, chunk_size)
+    def step(params, opt_state, batch, frozen=None):
+        _, grads, metrics = loss_and_grads(graphdef, params, batch, chunk_size, frozen)
         params, opt_state, opt_metrics = apply_gradients(optimizer, optimizer_config, grads, opt_state, params)
         return params, opt_state, {**metrics, **opt_metrics}
 
@@ -224,11 +229,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, optimizer_config: Optimiz
 
 
 def make_eval_step(graphdef: nnx.GraphDef, chunk_size: Optional[int] = None):
-    """jit(params, batch) -> (weighted NLL sum, argmax hits, target-token count) of a [num_micro, micro, T] batch."""
+    """jit(params, batch, frozen=None) -> (weighted NLL sum, argmax hits, target-token count) of a
+    [num_micro, micro, T] batch."""
 
-    def evaluate(params, batch):
+    def evaluate(params, batch, frozen=None):
         def body(carry, micro):
-            nll, hits = micro_batch_sums(graphdef, params, micro, chunk_size)
+            nll, hits = micro_batch_sums(graphdef, params, micro, chunk_size, frozen)
             return (carry[0] + nll, carry[1] + hits), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -239,6 +245,18 @@ def make_eval_step(graphdef: nnx.GraphDef, chunk_size: Optional[int] = None):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
+def _split_trainable(model: CausalLM) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, trained params, frozen or None): a model with LoRA adapters trains only them."""
+    if has_lora(model):
+        return nnx.split(model, trainable_filter(LORA_PARAM_REGEX), ...)
+    graphdef, params = nnx.split(model)
+    return graphdef, params, None
+
+
+def _merge(graphdef: nnx.GraphDef, params: Any, frozen: Any) -> CausalLM:
+    return nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
+
+
 def _pad_id(tokenizer: Any, model_config: Any) -> int:
     for candidate in (getattr(tokenizer, "pad_token_id", None), model_config.pad_token_id,
                       getattr(tokenizer, "eos_token_id", None)):
@@ -286,12 +304,13 @@ class SFTTrainer:
         self.optimizer_config = config.optimizer_config(self.total_steps)
         self.optimizer = make_optimizer(self.optimizer_config, self.total_steps)
 
-        # The returned model keeps the caller's config; training may override remat.
-        self._export_graphdef, params = nnx.split(model)
+        # The returned model keeps the caller's config; training may override remat. A model with LoRA adapters
+        # (models/lora.py) trains them alone: the rest is `frozen` (None when every weight trains).
+        self._export_graphdef, params, self.frozen = _split_trainable(model)
         if config.remat is not None and config.remat != model_config.remat:
-            train_model = nnx.merge(self._export_graphdef, params)
+            train_model = _merge(self._export_graphdef, params, self.frozen)
             train_model.config = model_config.replace(remat=config.remat)
-            self.graphdef, params = nnx.split(train_model)
+            self.graphdef, params, self.frozen = _split_trainable(train_model)
         else:
             self.graphdef = self._export_graphdef
         if config.micro_batch_size % placement.rows_multiple:
@@ -312,7 +331,7 @@ class SFTTrainer:
 
     def model(self) -> CausalLM:
         """The current policy as a CausalLM (with the configuration of the model passed in)."""
-        return nnx.merge(self._export_graphdef, self.params)
+        return _merge(self._export_graphdef, self.params, self.frozen)
 
     def place(self, batch: SFTBatch) -> Batch:
         """Host arrays [num_micro, micro, T] -> device arrays (each micro-batch's rows split over the data-parallel
@@ -339,7 +358,7 @@ class SFTTrainer:
 
     def _train_one(self, batch: SFTBatch, step: int) -> StepOutput:
         self.params, self.opt_state, device_metrics = self._train_step(self.params, self.opt_state,
-                                                                       self.place(batch))
+                                                                       self.place(batch), self.frozen)
         self.step = step
         host = {"examples": batch.num_examples, "rows": batch.num_rows, "row_length": batch.input_ids.shape[-1],
                 "tokens": batch.num_tokens, "target_tokens": batch.num_target_tokens,
@@ -410,7 +429,7 @@ class SFTTrainer:
             return out
         nll = hits = count = 0.0
         for batch in self.eval_data.iter_epoch(0):
-            n, h, c = jax.device_get(self._eval_step(self.params, self.place(batch)))
+            n, h, c = jax.device_get(self._eval_step(self.params, self.place(batch), self.frozen))
             nll, hits, count = nll + float(n), hits + float(h), count + float(c)
         out["eval/loss"] = nll / max(count, 1.0)
         out["eval/token_accuracy"] = hits / max(count, 1.0)
@@ -428,7 +447,7 @@ class SFTTrainer:
         if self._sampler is None:
             self._sampler = Sampler(self.model(), pad_id=self.pad_id, stop_token_ids=stop_token_ids(self.tokenizer),
                                     tokenizer=self.tokenizer, mesh=self.placement.mesh)
-        self._sampler.update_params(self.params)
+        self._sampler.update_params(self.model())
         prompts = [s.input_ids[:s.prompt_length].tolist() for s in self.eval_sequences]
         truths = [self.eval_examples[s.example_index].ground_truth for s in self.eval_sequences]
         budget = min(self.config.eval_max_new_tokens,
