@@ -35,17 +35,11 @@ def _model():
     import jax
     from flax import nnx
 
-    from toolrl_jax.models.config import PRESETS, ModelConfig
+    from experiments.common import named_model_config
     from toolrl_jax.models.decoder import CausalLM
     from toolrl_jax.models.lora import LoRAConfig, adapted_layers, apply_lora
 
-    if _MODEL.value == "tiny":
-        config = ModelConfig.tiny("llama")
-    elif _MODEL.value in PRESETS:
-        config = PRESETS[_MODEL.value]
-    else:
-        raise app.UsageError(f"--model={_MODEL.value}: not 'tiny' or one of {sorted(PRESETS)}")
-    config = config.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    config = named_model_config(_MODEL.value, tiny_family="llama").replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
     model = CausalLM(config, rngs=nnx.Rngs(_SEED.value))
     apply_lora(model, LoRAConfig(rank=_RANK.value, alpha=2.0 * _RANK.value), jax.random.key(_SEED.value))
     for i, dense in enumerate(adapted_layers(model).values()):  # trained-looking adapters: B away from zero

@@ -58,15 +58,10 @@ _PROBE = flags.DEFINE_string("probe_file", None, "Internal: our first sampled ro
 
 
 def _model_config():
-    from toolrl_jax.models.config import PRESETS, ModelConfig
+    from experiments.common import named_model_config
 
-    if _MODEL.value == "tiny":
-        base = ModelConfig.tiny("qwen2")
-    elif _MODEL.value in PRESETS:
-        base = PRESETS[_MODEL.value]
-    else:
-        raise app.UsageError(f"--model={_MODEL.value}: not 'tiny' or one of {sorted(PRESETS)}")
-    return base.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value, attention_impl=_ATTN.value)
+    return named_model_config(_MODEL.value).replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value,
+                                                    attention_impl=_ATTN.value)
 
 
 def _prompts(batch: int, vocab: int) -> list[list[int]]:

@@ -252,3 +252,13 @@ def lora_shape_settings(lora: Any) -> dict:
     """The LoRA settings that fix a checkpoint's shapes (run identity), recorded only when adapters are on, so runs
     from before LoRA existed still resume."""
     return {"lora": {"rank": lora.rank, "target_modules": lora.target_modules}} if lora.enabled else {}
+
+
+def named_model_config(name: str, tiny_family: str = "qwen2") -> ModelConfig:
+    """The benchmarks' --model: a preset of toolrl_jax.models.config.PRESETS, or 'tiny' (ModelConfig.tiny of
+    `tiny_family`, for CPU smoke runs); anything else stops with an error naming the flag."""
+    if name == "tiny":
+        return ModelConfig.tiny(tiny_family)
+    if name in PRESETS:
+        return PRESETS[name]
+    raise app.UsageError(f"--model={name}: not 'tiny' or one of {sorted(PRESETS)}")
