@@ -35,8 +35,8 @@ flags.DEFINE_string("base", None, "Replace the spec's base flagfile(s), e.g. to 
 flags.DEFINE_multi_string("set", [], "FLAG=VALUE applied to every run after the spec (e.g. --set=model=/path); "
                           "part of each run's flagfile but not of its name.")
 flags.DEFINE_multi_string("only", None, "A run to act on, by name or shell pattern (repeat the flag for several; "
-                          "grid names hold commas, so one flag is one name: --only='toolrl,seed=0' --only='*seed=1'). "
-                          "Default: all runs of the spec.")
+                          "a value that names no run whole is a comma list): --only='toolrl,seed=0' --only='*seed=1' "
+                          "--only=a,b. Default: all runs of the spec.")
 flags.DEFINE_enum("action", "write", ["write", "status", "run", "tpu", "slurm"],
                   "write: write the runs' flagfiles and print their state; status: print the state only; run: write "
                   "and train them here in sequence; tpu / slurm: write and print a multi-host launch script.")
@@ -56,6 +56,16 @@ flags.DEFINE_string("slurm_time", "24:00:00", "--action=slurm: job time limit.")
 flags.DEFINE_string("slurm_partition", None, "--action=slurm: partition.")
 flags.DEFINE_string("slurm_account", None, "--action=slurm: account.")
 flags.DEFINE_integer("coordinator_port", 12345, "--action=slurm: port of the JAX coordinator on the first node.")
+
+
+def _only_patterns(values: list[str], known: list[str]) -> list[str]:
+    """--only values as run names or patterns: a value that matches a run as a whole ('toolrl,seed=0', '*seed=1')
+    stays one; any other is read as a comma list of them ('original,equal_max')."""
+    out = []
+    for value in values:
+        whole = any(fnmatch.fnmatchcase(name, value) for name in known)
+        out += [value] if whole or "," not in value else [v for v in value.split(",") if v]
+    return out
 
 
 def _parse_set(values: list[str]) -> list[tuple[str, str]]:
@@ -79,10 +89,11 @@ def _plan() -> tuple[sweeps.SweepSpec, Path, tuple[sweeps.PlannedRun, ...]]:
         raise app.UsageError(str(e)) from None
     if FLAGS.only:
         known = sorted(r.name for r in runs)
-        unknown = [p for p in FLAGS.only if not any(fnmatch.fnmatchcase(n, p) for n in known)]
+        patterns = _only_patterns(FLAGS.only, known)
+        unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
         if unknown:
             raise app.UsageError(f"--only: no run(s) {unknown} in {FLAGS.spec} (runs: {known})")
-        runs = tuple(r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in FLAGS.only))
+        runs = tuple(r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns))
     sweep_dir = Path(FLAGS.sweep_dir or Path("runs") / "sweeps" / spec.name)
     try:
         planned = sweeps.resolve_names(runs, sweep_dir, force_new=FLAGS.force_new)

@@ -462,4 +462,6 @@ def test_sweep_cli_only_takes_grid_names_with_commas_and_patterns(tmp_path):
     assert listed("--only=lr=1e-06,seed=1") == ["lr=1e-06,seed=1"]
     assert listed("--only=*seed=0") == ["lr=1e-06,seed=0", "lr=2e-06,seed=0"]
     assert listed("--only=lr=2e-06,seed=1", "--only=lr=1e-06,seed=0") == ["lr=1e-06,seed=0", "lr=2e-06,seed=1"]
+    # a value that names no run whole is a comma list (of names or patterns; tests/test_plot.py uses names)
+    assert len(listed("--only=*seed=0,*seed=1")) == 4
     assert len(listed()) == 4
