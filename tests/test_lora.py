@@ -194,3 +194,26 @@ def test_bench_lora_runs_both_engines_and_they_agree(tmp_path):
     assert [r["engine"] for r in report["rows"]] == ["adapters", "merged"]
     assert all(r["seconds"] > 0 and r["new_tokens_per_s"] > 0 for r in report["rows"])
     assert report["greedy_token_agreement"] == 1.0 and report["merge_s"] > 0
+
+
+def test_run_sft_with_lora_exports_a_peft_folder_of_the_trained_adapters(tiny_chat_model_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    from toolrl_jax.datasets.synthetic import make_synthetic_split
+    from toolrl_jax.tokenization import load_tokenizer
+    from toolrl_jax.training.runs import ModelSource, RunConfig, run_sft
+    from toolrl_jax.training.sft import SFTConfig
+
+    train, _ = make_synthetic_split(8, 0, seed=4)
+    config = SFTConfig(learning_rate=3e-2, lr_schedule="constant", warmup_ratio=0.0, epochs=None, max_steps=2,
+                       batch_size=4, micro_batch_size=4, max_length=512, lora=LoRAConfig(rank=4))
+    run = RunConfig(run_dir=str(tmp_path / "run"), save_every=1, export_dir=str(tmp_path / "export"),
+                    export_lora="peft")
+    _, model = load_hf_model(tiny_chat_model_dir, dtype="float32")
+    trainer = run_sft(ModelSource(model, load_tokenizer(tiny_chat_model_dir), tiny_chat_model_dir), config, run,
+                      train=train)
+    assert trainer.step == 2 and has_lora(trainer.model())
+    tensors = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
+    assert tensors and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in tensors)
+    assert any(np.abs(v).max() > 0 for k, v in tensors.items() if "lora_B" in k), "the adapters trained"
+    assert (tmp_path / "export" / "toolrl_sft.json").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()

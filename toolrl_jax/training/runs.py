@@ -25,7 +25,7 @@ from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.metrics import MetricsWriter, ProgressBar
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.models.hf_io import copy_tokenizer_files, load_hf_model, save_hf_model
-from toolrl_jax.models.lora import apply_lora, has_lora, merge_lora, save_peft_adapter
+from toolrl_jax.models.lora import LoRAConfig, apply_lora, has_lora, merge_lora, save_peft_adapter
 from toolrl_jax.placement import Placement
 from toolrl_jax.tokenization import stop_token_ids
 from toolrl_jax.training.dynamic_sampling import trained_groups
@@ -155,6 +155,14 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
 
 
+def add_adapters(model: CausalLM, lora: LoRAConfig, seed: int) -> None:
+    """LoRA adapters on `model` when `lora` is on (in place; their initial A comes from the run's seed, and a resume
+    then restores the trained adapters from the checkpoint)."""
+    if lora.enabled:
+        adapted = apply_lora(model, lora, jax.random.fold_in(jax.random.key(seed), LORA_KEY))
+        logger.info("LoRA rank %d on %d projections (%s ...)", lora.rank, len(adapted), adapted[0])
+
+
 def export_policy(model: CausalLM, run: RunConfig, source_folder: Path,
                   extra_files: Optional[Mapping[str, str]] = None) -> Path:
     """Writes the policy as a Hugging Face folder (run.export_dir) with the tokenizer files of its source (and
@@ -187,9 +195,7 @@ def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: 
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
     model = sft_warmup(source, train, warmup, run.run_dir, placement) if warmup is not None else source.model
-    if config.lora.enabled:  # after the warm-up, which trains the full weights; a resume restores the adapters
-        adapted = apply_lora(model, config.lora, jax.random.fold_in(jax.random.key(config.seed), LORA_KEY))
-        logger.info("LoRA rank %d on %d projections (%s ...)", config.lora.rank, len(adapted), adapted[0])
+    add_adapters(model, config.lora, config.seed)  # after the warm-up, which trains the full weights
     tokenizer = source.tokenizer
     encode = chat_encoder(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_ids[0]
@@ -284,9 +290,7 @@ def run_sft(source: ModelSource, config: Any, run: RunConfig, *, train: Sequence
     resuming = run.resuming()
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
-    if config.lora.enabled:  # the adapters train, the model stays frozen; a resume restores the adapters
-        adapted = apply_lora(source.model, config.lora, jax.random.fold_in(jax.random.key(config.seed), LORA_KEY))
-        logger.info("LoRA rank %d on %d projections (%s ...)", config.lora.rank, len(adapted), adapted[0])
+    add_adapters(source.model, config.lora, config.seed)
     trainer = SFTTrainer(source.model, source.tokenizer, train, config, eval_examples=val, placement=placement)
     logger.info("sft: %d training examples (%d dropped, %d prompts truncated), %d held out; %d steps of %d "
                 "examples (%d per epoch)", trainer.report.num_kept, trainer.report.num_dropped,
