@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.config import PRESETS, ModelConfig
@@ -48,6 +52,9 @@ def define_common_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto-detected on TPU/SLURM).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (auto-detected on TPU/SLURM).")
     flags.DEFINE_integer("process_id", None, "This process's id (auto-detected on TPU/SLURM).")
+    flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                         "--distributed: a process silent this long counts as dead, and JAX then ends every other "
+                         "process with an error ('another task died') instead of letting them wait in a collective.")
     flags.DEFINE_string("compilation_cache_dir", None,
                         "Persistent XLA compilation cache shared across runs (e.g. a sweep's jobs, a resumed run): "
                         "programs compiled once are loaded instead of recompiled. None = off.")
@@ -140,6 +147,23 @@ def enable_compilation_cache(cache_dir: Optional[str], min_compile_secs: float =
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class _EndProcessOnError(app.ExceptionHandler):
+    """In a multi-process run, a process whose main() raised ends at once (traceback logged, exit status 1).
+
+    A normal exit would first wait in jax.distributed's shutdown barrier for the other processes, which are blocked
+    in the next collective, until the shutdown timeout (300 s); ending without it stops this process's heartbeats,
+    so JAX ends the others within --heartbeat_timeout_seconds with "another task died"."""
+
+    def handle(self, exc: BaseException) -> None:
+        log.error("process %d of %d failed, ending it now (if the error is a lost connection or a failed "
+                  "collective, another process died first: see its log):\n%s", jax.process_index(),
+                  jax.process_count(), "".join(traceback.format_exception(exc)))
+        absl_logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def make_placement():
     """The `Placement` the mesh flags describe: one device gets no mesh (plain jit); several devices a
     (data, fsdp, tensor) mesh with the default partition rules. Also starts the multi-host runtime (--distributed)
@@ -150,7 +174,9 @@ def make_placement():
     enable_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.compilation_cache_min_compile_secs)
     if FLAGS.distributed:
         from toolrl_jax.sharding import initialize_distributed
-        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+        app.install_exception_handler(_EndProcessOnError())
     try:
         placement = Placement.from_config(MeshConfig(data=FLAGS.mesh_data, fsdp=FLAGS.mesh_fsdp,
                                                      tensor=FLAGS.mesh_tensor))

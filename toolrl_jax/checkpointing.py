@@ -56,6 +56,7 @@ from toolrl_jax.checkpoint_integrity import (  # noqa: F401 - MANIFEST_NAME, ver
     verify_manifest,
     write_manifest,
 )
+from toolrl_jax.multihost import all_agree, barrier, from_process_0
 
 logger = logging.getLogger(__name__)
 
@@ -125,31 +126,6 @@ def _finish_manifest_at_exit(ref: "weakref.ReferenceType[Checkpointer]") -> None
             writer.finish()
         except OSError as e:
             logger.error("checkpoint: %s", e)
-
-
-# ---------------------------------------------------------------------- multi-host helpers
-
-
-def _all_agree(ok: bool) -> bool:
-    """True when `ok` on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _from_process_0(value: int) -> int:
-    """Process 0's `value` on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------- keys and targets
@@ -261,7 +237,7 @@ class Checkpointer:
         if jax.process_index() == 0 and (self.directory / str(step)).exists():
             reason = self._reason_to_rewrite(step)
             action, why = ("skip", "") if reason is None else ("rewrite", reason)
-        return actions[_from_process_0(actions.index(action))], why
+        return actions[from_process_0(actions.index(action))], why
 
     def _reason_to_rewrite(self, step: int) -> Optional[str]:
         """Why the existing directory of `step` must be replaced, or None when it is an intact checkpoint."""
@@ -292,7 +268,7 @@ class Checkpointer:
                                                f"{reason}\n")
             logger.warning("checkpoint: step %d was not a good checkpoint (%s); moved it to %s and writing it anew",
                            step, reason, dest)
-        _barrier(f"toolrl_checkpoint_set_aside_{step}")
+        barrier(f"toolrl_checkpoint_set_aside_{step}")
         self._manager.reload()
 
     def _settle(self) -> None:
@@ -389,7 +365,7 @@ class Checkpointer:
                 verified = verify_manifest(step_dir, step)
             except CheckpointRejectedError as e:
                 failure = e
-        if not _from_process_0(failure is None):
+        if not from_process_0(failure is None):
             raise failure or CheckpointRejectedError(step, "checksum", "failed the checksum check on process 0 "
                                                      "(see its log)")
         if not verified:
@@ -404,7 +380,7 @@ class Checkpointer:
                 _STATE: state_args, _EXTRA: ocp.args.JsonRestore()}))
         except Exception as e:  # noqa: BLE001 - any read failure rejects the step
             error = e
-        if not _all_agree(error is None):
+        if not all_agree(error is None):
             detail = (f"orbax could not read it back ({type(error).__name__}: {str(error)[:300]})" if error is not None
                       else "orbax could not read it back on another process (see its log)")
             raise CheckpointRejectedError(step, "unreadable", detail) from error

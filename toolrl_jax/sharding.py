@@ -145,14 +145,23 @@ def param_shardings(state_shapes: Any, mesh: Mesh, rules: PartitionRules = DEFAU
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
-                           local_device_ids: Optional[Sequence[int]] = None) -> None:
+                           local_device_ids: Optional[Sequence[int]] = None,
+                           heartbeat_timeout_seconds: int = 100) -> None:
     """Start JAX's multi-host runtime (call once per process, before any other JAX call).
 
     With no arguments JAX auto-detects the cluster (Cloud TPU, SLURM, ...). Does nothing when already initialized.
+    CPU processes exchange collectives through gloo (the CPU backend has no cross-process collectives otherwise;
+    the setting does not touch GPU or TPU backends). A process that stops sending heartbeats for
+    `heartbeat_timeout_seconds` (it died, or its host did) makes JAX's coordination service terminate every other
+    process with "another task died" instead of leaving them blocked in a collective.
     """
     if jax.distributed.is_initialized():
         return
+    if heartbeat_timeout_seconds < 1:
+        raise ValueError(f"heartbeat_timeout_seconds must be >= 1, got {heartbeat_timeout_seconds}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                 jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 from flax import nnx
 
-from toolrl_jax import run_identity
+from toolrl_jax import multihost, run_identity
 from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.datasets.batching import BatchingConfig, PromptDataset, chat_encoder
 from toolrl_jax.datasets.example import ToolRLExample
@@ -74,7 +74,9 @@ class RunConfig:
 
     def resuming(self) -> bool:
         """Whether this start continues earlier checkpoints; refuses to start over on top of them."""
-        has_checkpoints = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())
+        # process 0's view decides for all (a process must not see checkpoints another has just begun to write)
+        has_checkpoints = bool(multihost.from_process_0(
+            self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())))
         if has_checkpoints and not self.resume:
             raise FileExistsError(f"run_dir {self.run_dir} already holds checkpoints: resume it or choose a new "
                                   "run directory (runs are never overwritten)")
@@ -115,7 +117,7 @@ def sft_warmup(source: ModelSource, examples: Sequence[ToolRLExample], warmup: A
 
     folder = Path(run_dir) / WARMUP_DIR
     cfg = source.model.config
-    if not (folder / "config.json").is_file():
+    if not multihost.from_process_0((folder / "config.json").is_file()):
         progress = ProgressBar(warmup.max_steps, desc="sft warm-up", keys=("loss",))
         model, history = sft_train(source.model, source.tokenizer, examples, warmup, placement=placement,
                                    on_step=lambda step, m: progress.update(step, m))
@@ -125,6 +127,7 @@ def sft_warmup(source: ModelSource, examples: Sequence[ToolRLExample], warmup: A
         save_hf_model(model, folder, dtype=cfg.param_dtype)
         if jax.process_index() == 0:
             copy_tokenizer_files(source.folder, folder)
+        multihost.barrier("toolrl_warmup_saved")  # process 0 wrote it; every process reads it next
     else:
         logger.info("reusing the SFT warm-up policy in %s", folder)
     return load_hf_model(folder, shardings=placement.loader_shardings(), dtype=cfg.dtype,
