@@ -99,11 +99,13 @@ def test_peft_loads_the_adapter_folder_with_the_same_logits(tmp_path):
     for family in ("llama", "qwen2"):
         model = CausalLM(ModelConfig.tiny(family), rngs=nnx.Rngs(0))
         base_dir = save_hf_model(model, tmp_path / family / "base", dtype="float32")
-        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=r"(q|k|o|up|down)_proj"), jax.random.key(0))
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=r"(q|k|o|up|down)_proj", dropout=0.1),
+                   jax.random.key(0))
         _randomize_b(model)
         adapter_dir = save_peft_adapter(model, tmp_path / family / "adapter", base_model=str(base_dir))
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         assert config["r"] == 4 and config["lora_alpha"] == 8.0 and len(config["target_modules"]) == 5 * 2
+        assert config["lora_dropout"] == 0.1  # PEFT drops only in train mode; eval logits are compared below
         hf = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
         hf = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
         ids = _ids(model.config.vocab_size)
@@ -217,3 +219,66 @@ def test_run_sft_with_lora_exports_a_peft_folder_of_the_trained_adapters(tiny_ch
     assert tensors and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in tensors)
     assert any(np.abs(v).max() > 0 for k, v in tensors.items() if "lora_B" in k), "the adapters trained"
     assert (tmp_path / "export" / "toolrl_sft.json").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- dropout
+
+
+def test_lora_dropout_masks_rows_independently_unbiased_and_only_when_seeded():
+    from toolrl_jax.models.decoder import row_dropout
+
+    model = CausalLM(ModelConfig.tiny("qwen2"), rngs=nnx.Rngs(0))
+    ids = _ids(model.config.vocab_size)
+    b, t = ids.shape
+    positions, segments = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.ones((b, t), jnp.int32)
+    base_hidden = np.asarray(model.hidden_states(jnp.asarray(ids), positions, segments)[0])
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.5), jax.random.key(0))
+    seeds = jnp.asarray([7, 8], jnp.uint32)
+    # Fresh adapters (B = 0): dropout acts on the adapter path only, so even a seeded forward is the base exactly.
+    seeded = model.hidden_states(jnp.asarray(ids), positions, segments, dropout_seeds=seeds)[0]
+    np.testing.assert_array_equal(np.asarray(seeded), base_hidden)
+    _randomize_b(model)
+
+    dense = model.layers[0].attn.q_proj
+    a, bb = np.asarray(dense.lora_a[...]), np.asarray(dense.lora_b[...])
+    x = np.asarray(jax.random.normal(jax.random.key(3), (3, 5, a.shape[0])))
+    plain = np.asarray(dense(jnp.asarray(x)))
+    kernel_only = x @ np.asarray(dense.kernel[...]) + np.asarray(dense.bias[...])
+    np.testing.assert_allclose(plain, kernel_only + (x @ a) @ bb * dense.lora_scale, rtol=1e-5, atol=1e-5)
+    row_seeds = jnp.asarray([11, 12, 13], jnp.uint32)
+    dropped = np.asarray(dense(jnp.asarray(x), row_seeds))
+    assert not np.allclose(dropped, plain)
+    # A row's mask depends on its seed only, not on where the row sits in the batch.
+    perm = np.asarray([2, 0, 1])
+    np.testing.assert_allclose(np.asarray(dense(jnp.asarray(x[perm]), row_seeds[perm])), dropped[perm], atol=1e-6)
+    # Inverted dropout is unbiased: over many seeds the adapter's output averages to the undropped one.
+    many = np.repeat(x[:1], 4000, axis=0)
+    mean = np.asarray(dense(jnp.asarray(many), jnp.arange(4000, dtype=jnp.uint32))).mean(axis=0)
+    adapter = plain[0] - kernel_only[0]
+    np.testing.assert_allclose(mean - kernel_only[0], adapter, atol=0.1 * np.abs(adapter).max())
+    # The masks: the asked fraction zeroed, the rest scaled by 1 / (1 - rate); another layer draws other masks.
+    ones = jnp.ones((64, 8, 16))
+    out = np.asarray(row_dropout(ones, jnp.arange(64, dtype=jnp.uint32), 0.25, stream=0))
+    assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)} and abs((out == 0).mean() - 0.25) < 0.02
+    other = np.asarray(row_dropout(ones, jnp.arange(64, dtype=jnp.uint32), 0.25, stream=1))
+    assert not np.array_equal(out, other)
+    assert len({d.lora_stream for d in adapted_layers(model).values()}) == len(adapted_layers(model))
+    with pytest.raises(ValueError, match="dropout"):
+        LoRAConfig(rank=4, dropout=1.0)
+
+
+def test_lora_dropout_in_grpo_updates_does_not_depend_on_micro_batching(tiny_chat_model_dir):
+    """Seeds travel with the rows, so cutting the update into other micro-batches draws the same masks; without
+    dropout the update differs. Sampling is dropout-free (the sampler's greedy output is the merged model's)."""
+    results = {}
+    for name, dropout, micro in (("a", 0.3, 2), ("b", 0.3, 4), ("none", 0.0, 2)):
+        trainer, prompts, truths = _lora_trainer(tiny_chat_model_dir, micro_batch_rows=micro,
+                                                 lora=LoRAConfig(rank=4, dropout=dropout))
+        assert trainer.lora_dropout == dropout
+        metrics = trainer.train_step(prompts, truths, jax.random.key(0)).metrics
+        results[name] = (metrics, [np.asarray(x) for x in jax.tree.leaves(trainer.params)])
+    (ma, pa), (mb, pb), (mn, pn) = results["a"], results["b"], results["none"]
+    assert ma["reward/total"] == mb["reward/total"] == mn["reward/total"]  # the same rollouts
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(pa, pn))

@@ -50,8 +50,10 @@ class LoRAParam(nnx.Param):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias) (+ scale * (x @ lora_a) @ lora_b when `models.lora` adds an adapter); kernel stored
-    [in, out] in param_dtype, applied in the compute dtype."""
+    """y = x @ kernel (+ bias) (+ scale * (dropout(x) @ lora_a) @ lora_b when `models.lora` adds an adapter); kernel
+    stored [in, out] in param_dtype, applied in the compute dtype. The adapter's input dropout (PEFT's lora_dropout)
+    applies only when the forward is given per-row dropout seeds (training losses); `lora_stream` tells this
+    layer's masks from the other adapted layers'."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig,
                  rngs: nnx.Rngs):
@@ -63,16 +65,32 @@ class Dense(nnx.Module):
         self.lora_a: Optional[LoRAParam] = nnx.data(None)  # [in, rank]
         self.lora_b: Optional[LoRAParam] = nnx.data(None)  # [rank, out]
         self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+        self.lora_stream = 0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_seeds: Optional[jax.Array] = None) -> jax.Array:
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:  # as PEFT: base(x) + B(A(x)) * scale
+        if self.lora_a is not None:  # as PEFT: base(x) + B(A(dropout(x))) * scale
+            if self.lora_dropout > 0 and dropout_seeds is not None:
+                x = row_dropout(x, dropout_seeds, self.lora_dropout, self.lora_stream)
             low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
             y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
         return y
+
+
+def row_dropout(x: jax.Array, seeds: jax.Array, rate: float, stream: int) -> jax.Array:
+    """Inverted dropout of x [B, ...] whose mask for row b depends only on (seeds[b], stream): the same row gets the
+    same mask whatever batch, micro-batch or device it lands in."""
+    chex.assert_shape(seeds, (x.shape[0],))
+
+    def keep(seed: jax.Array) -> jax.Array:
+        return jax.random.bernoulli(jax.random.fold_in(jax.random.key(seed), stream), 1.0 - rate, x.shape[1:])
+
+    mask = jax.vmap(keep)(seeds.astype(jnp.uint32))
+    return jnp.where(mask, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -121,12 +139,13 @@ class Attention(nnx.Module):
         self.impl = config.attention_impl
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
-                 kv: Optional[tuple[jax.Array, jax.Array]], write_index: Optional[jax.Array]
+                 kv: Optional[tuple[jax.Array, jax.Array]], write_index: Optional[jax.Array],
+                 dropout_seeds: Optional[jax.Array] = None
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, dropout_seeds).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, dropout_seeds).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, dropout_seeds).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_kv = None
         if kv is not None:
@@ -137,7 +156,7 @@ class Attention(nnx.Module):
             new_kv = (cache_k, cache_v)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
         out = self._attend(q, k, v, mask)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), dropout_seeds), new_kv
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         if self.impl == "cudnn":
@@ -161,8 +180,9 @@ class MLP(nnx.Module):
         self.up_proj = Dense(h, f, use_bias=False, config=config, rngs=rngs)
         self.down_proj = Dense(f, h, use_bias=False, config=config, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, dropout_seeds: Optional[jax.Array] = None) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x, dropout_seeds)) * self.up_proj(x, dropout_seeds)
+        return self.down_proj(hidden, dropout_seeds)
 
 
 class DecoderLayer(nnx.Module):
@@ -174,15 +194,15 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, kv, write_index):
-        attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, mask, kv, write_index)
+    def __call__(self, x, positions, inv_freq, mask, kv, write_index, dropout_seeds=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, mask, kv, write_index, dropout_seeds)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), dropout_seeds)
         return x, new_kv
 
 
-def _run_layer(layer: DecoderLayer, x, positions, inv_freq, mask):
-    out, _ = layer(x, positions, inv_freq, mask, None, None)
+def _run_layer(layer: DecoderLayer, x, positions, inv_freq, mask, dropout_seeds):
+    out, _ = layer(x, positions, inv_freq, mask, None, None, dropout_seeds)
     return out
 
 
@@ -200,8 +220,10 @@ class CausalLM(nnx.Module):
             config.hidden_size, config.vocab_size, use_bias=False, config=config, rngs=rngs)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                      cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
-        """Final-norm hidden states [B,T,H] (compute dtype) and the updated cache."""
+                      cache: Optional[KVCache] = None, dropout_seeds: Optional[jax.Array] = None
+                      ) -> tuple[jax.Array, Optional[KVCache]]:
+        """Final-norm hidden states [B,T,H] (compute dtype) and the updated cache. dropout_seeds [B]: a training
+        forward, with LoRA dropout masks drawn per row from them (adapters with dropout only; not with a cache)."""
         chex.assert_rank([input_ids, positions, segment_ids], 2)
         chex.assert_equal_shape([input_ids, positions, segment_ids])
         b, t = input_ids.shape
@@ -214,8 +236,10 @@ class CausalLM(nnx.Module):
             if self.config.remat:
                 layer_fn = nnx.remat(_run_layer, policy=_REMAT_POLICIES[self.config.remat_policy])
             for layer in self.layers:
-                x = layer_fn(layer, x, positions, inv_freq, mask)
+                x = layer_fn(layer, x, positions, inv_freq, mask, dropout_seeds)
             return self.final_norm(x), None
+        if dropout_seeds is not None:
+            raise ValueError("hidden_states: dropout_seeds are for training forwards, not for decoding with a cache")
         chex.assert_equal(cache.segment_ids.shape[0], b)
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                    (0, cache.index))

@@ -50,6 +50,10 @@ class LoRAConfig:
         ALL_PROJECTIONS, "Regex searched in each projection's module path (e.g. layers/3/attn/q_proj): matching ones "
                          "get adapters. Default: every attention and MLP projection. Example: attn/(q|v)_proj.",
         flag="lora_target_modules")
+    dropout: float = option(
+        0.0, "LoRA dropout: each adapter's input is dropped with this probability in training forwards (PEFT's "
+             "lora_dropout; masks drawn per row from the run seed, step and epoch). Sampling, old/reference "
+             "log-probs and evaluation run without it.", flag="lora_dropout")
     base_dtype: Optional[str] = option(
         None, "Store the frozen base weights in this dtype (bfloat16 halves their memory; the forward computes in "
               "--dtype either way). Default: --param_dtype.", flag="lora_base_dtype", choices=BASE_DTYPES)
@@ -58,6 +62,7 @@ class LoRAConfig:
         need = requirement_checker("LoRAConfig")
         need(isinstance(self.rank, int) and self.rank >= 0, f"rank must be an integer >= 0, got {self.rank!r}")
         need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be finite and > 0, got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.base_dtype is None or self.base_dtype in BASE_DTYPES,
              f"base_dtype must be one of {BASE_DTYPES} or None, got {self.base_dtype!r}")
         try:
@@ -115,7 +120,24 @@ def apply_lora(model: CausalLM, config: LoRAConfig, key: jax.Array) -> list[str]
         dense.lora_a = LoRAParam(a.astype(dtype))
         dense.lora_b = LoRAParam(jnp.zeros((config.rank, fan_out), dtype))
         dense.lora_scale = float(config.scale)
+        dense.lora_dropout = float(config.dropout)
+        dense.lora_stream = i  # each adapted layer draws its own dropout masks
     return [name for name, _ in targets]
+
+
+def lora_dropout_rate(model: CausalLM) -> float:
+    """The adapters' dropout probability (0.0 without adapters or without dropout)."""
+    return max((d.lora_dropout for d in adapted_layers(model).values()), default=0.0)
+
+
+DROPOUT_SEED_KEY = "lora_dropout_seed"  # the per-row seeds' name in a training batch
+
+
+def dropout_seeds(seed: int, step: int, epoch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """uint32 per-row dropout seeds for one training step (and pass over its rows): a function of (run seed, step,
+    epoch) only, so a resumed run and every process of a multi-process run draw the same masks."""
+    sequence = np.random.SeedSequence([seed & 0xFFFFFFFF, step, epoch, 0x10A4])
+    return np.random.default_rng(sequence).integers(0, 2 ** 32, size=shape, dtype=np.uint32)
 
 
 def base_adapters(adapters: Any) -> Any:
@@ -173,7 +195,8 @@ def save_peft_adapter(model: CausalLM, folder: str | Path, *, base_model: str = 
     rank = int(first.lora_a.shape[1])
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-        "lora_alpha": first.lora_scale * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "lora_alpha": first.lora_scale * rank, "lora_dropout": first.lora_dropout, "bias": "none",
+        "fan_in_fan_out": False,
         "target_modules": sorted(modules), "use_rslora": False, "inference_mode": True, "init_lora_weights": True,
     }
     folder = Path(folder)

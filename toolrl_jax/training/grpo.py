@@ -34,7 +34,7 @@ from flax import nnx
 
 from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.models.decoder import CausalLM, cast_floating
-from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, base_adapters, has_lora
+from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, base_adapters, has_lora, lora_dropout_rate
 from toolrl_jax.optim import DivergenceGuard, OptimizerConfig, TrainingDivergedError, check_schedule, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.rewards.config import RewardConfig
@@ -313,6 +313,7 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.placement = placement
         self.lora = has_lora(model)
+        self.lora_dropout = lora_dropout_rate(model)  # > 0: update batches carry dropout seeds (update_stage)
         if self.lora and (config.train_last_layers or config.trainable_regex):
             raise ValueError("GRPOTrainer: the model has LoRA adapters, which are all that trains: set "
                              "train_last_layers=0 and trainable_regex=None")

@@ -12,9 +12,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from toolrl_jax.models.lora import DROPOUT_SEED_KEY
 from toolrl_jax.sampling.config import SamplingConfig, next_power_of_two, prompt_length_bucket
 
-JOINED_KEYS = ("input_ids", "segment_ids", "positions")  # [N, P+R]; every other row array is [N, R]
+JOINED_KEYS = ("input_ids", "segment_ids", "positions")  # [N, P+R]
+PER_ROW_KEYS = (DROPOUT_SEED_KEY,)  # [N]: one value per row; every other row array is [N, R]
 
 
 def row_extents(rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +59,8 @@ def trim_rows(rows: Mapping[str, np.ndarray], prompt_width: int, response_width:
     for key, value in rows.items():
         if key in JOINED_KEYS:
             out[key] = value[..., p - prompt_width:p + response_width]
+        elif key in PER_ROW_KEYS:
+            out[key] = value
         else:
             out[key] = value[..., :response_width]
     return out

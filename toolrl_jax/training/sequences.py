@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from toolrl_jax.models.decoder import positions_from_segments
+from toolrl_jax.models.lora import DROPOUT_SEED_KEY
 from toolrl_jax.rl.losses import token_logprobs_and_entropy
 
 Batch = Mapping[str, jax.Array]
@@ -72,7 +73,8 @@ def response_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, temp
     model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     n, r = batch["response_ids"].shape
     chex.assert_shape(batch["input_ids"], (n, None))
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                    dropout_seeds=batch.get(DROPOUT_SEED_KEY))  # present in update batches only
     p = batch["input_ids"].shape[1] - r
     hidden = jax.lax.dynamic_slice_in_dim(hidden, p - 1, r, axis=1)
 

@@ -31,7 +31,14 @@ from flax import nnx
 from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
-from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, has_lora
+from toolrl_jax.models.lora import (
+    DROPOUT_SEED_KEY,
+    LORA_PARAM_REGEX,
+    LoRAConfig,
+    dropout_seeds,
+    has_lora,
+    lora_dropout_rate,
+)
 from toolrl_jax.optim import SCHEDULES, DivergenceGuard, OptimizerConfig, apply_gradients, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.training.accumulation import accumulate_gradients
@@ -187,7 +194,8 @@ def micro_batch_sums(graphdef: nnx.GraphDef, params: Any, micro: Batch, chunk_si
     that do not train (LoRA's base), or None when params are all of them. The model gets Variables of its own
     (copy=True): under a scan (evaluation) with remat, reusing the caller's would mutate another trace's."""
     model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)), copy=True)
-    hidden, _ = model.hidden_states(micro["input_ids"], micro["positions"], micro["segment_ids"])
+    hidden, _ = model.hidden_states(micro["input_ids"], micro["positions"], micro["segment_ids"],
+                                    dropout_seeds=micro.get(DROPOUT_SEED_KEY))  # training batches with dropout
     nll, correct = token_nll(hidden, model.logits_from_hidden, micro["target_ids"], chunk_size)
     w = micro["loss_weights"].astype(jnp.float32)
     return jnp.sum(jnp.where(w > 0, nll * w, 0.0)), jnp.sum(jnp.where(correct, w, 0.0))
@@ -307,6 +315,7 @@ class SFTTrainer:
         # The returned model keeps the caller's config; training may override remat. A model with LoRA adapters
         # (models/lora.py) trains them alone: the rest is `frozen` (None when every weight trains).
         self._export_graphdef, params, self.frozen = _split_trainable(model)
+        self.lora_dropout = lora_dropout_rate(model)
         if config.remat is not None and config.remat != model_config.remat:
             train_model = _merge(self._export_graphdef, params, self.frozen)
             train_model.config = model_config.replace(remat=config.remat)
@@ -333,10 +342,13 @@ class SFTTrainer:
         """The current policy as a CausalLM (with the configuration of the model passed in)."""
         return _merge(self._export_graphdef, self.params, self.frozen)
 
-    def place(self, batch: SFTBatch) -> Batch:
+    def place(self, batch: SFTBatch, step: Optional[int] = None) -> Batch:
         """Host arrays [num_micro, micro, T] -> device arrays (each micro-batch's rows split over the data-parallel
-        devices under a mesh)."""
-        return self.placement.place_rows(batch.arrays(), row_axis=1)
+        devices under a mesh). With LoRA dropout, a training step's batch also gets its rows' dropout seeds."""
+        arrays = batch.arrays()
+        if step is not None and self.lora_dropout > 0:
+            arrays[DROPOUT_SEED_KEY] = dropout_seeds(self.config.seed, step, 0, arrays["input_ids"].shape[:2])
+        return self.placement.place_rows(arrays, row_axis=1)
 
     def load_train_state(self, state: Any, step: int) -> None:
         self.params, self.opt_state, self.step = state["params"], state["opt_state"], int(step)
@@ -358,7 +370,7 @@ class SFTTrainer:
 
     def _train_one(self, batch: SFTBatch, step: int) -> StepOutput:
         self.params, self.opt_state, device_metrics = self._train_step(self.params, self.opt_state,
-                                                                       self.place(batch), self.frozen)
+                                                                       self.place(batch, step), self.frozen)
         self.step = step
         host = {"examples": batch.num_examples, "rows": batch.num_rows, "row_length": batch.input_ids.shape[-1],
                 "tokens": batch.num_tokens, "target_tokens": batch.num_target_tokens,

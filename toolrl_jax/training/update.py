@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from toolrl_jax.models.lora import DROPOUT_SEED_KEY, dropout_seeds
 from toolrl_jax.training.actor import loss_mask, update_normalizers
 from toolrl_jax.training.layout import stack_minibatches
 
@@ -42,15 +43,19 @@ def update_actor(learner: Any, minibatch: Mapping[str, np.ndarray]) -> tuple[dic
 
 def update_stage(learner: Any, train_rows: Mapping[str, np.ndarray]) -> tuple[list[dict[str, float]], int]:
     """Every update of one step, in order: (host metrics per update, cells computed). The sampler's weight copy is
-    freed meanwhile (it is stale after the first update) and refreshed at the end."""
+    freed meanwhile (it is stale after the first update) and refreshed at the end. With LoRA dropout, each pass
+    over the rows gives them fresh dropout seeds (`lora.dropout_seeds`: from the seed, step and pass only)."""
     c = learner.config
     rows_per_mb = c.mini_batch_prompts * c.group_size
     n_rows = train_rows["response_mask"].shape[0]
     metrics, cells = [], 0
     learner.sampler.release_params()
-    for _ in range(c.ppo_epochs):
+    for epoch in range(c.ppo_epochs):
+        rows = dict(train_rows)
+        if learner.lora_dropout > 0:
+            rows[DROPOUT_SEED_KEY] = dropout_seeds(c.seed, learner.step + 1, epoch, (n_rows,))
         for start in range(0, n_rows, rows_per_mb):
-            mb = {k: v[start:start + rows_per_mb] for k, v in train_rows.items()}
+            mb = {k: v[start:start + rows_per_mb] for k, v in rows.items()}
             m, n = update_actor(learner, mb)
             cells += n
             if learner.critic is not None:
