@@ -30,8 +30,9 @@ from tests.conftest import REPO_ROOT
 _TIMING_PREFIXES = ("time/", "throughput/")
 # 4 devices as a 2 x 2 (fsdp, tensor) mesh: across 2 processes, each process holds one fsdp slice (its rows) and
 # the tensor axis stays inside a process, as on a pod (model parallelism within a host).
+# The default flagfile's features ride along: an SFT warm-up (saved, then reused on resume) and a trainable subset.
 _RUN_FLAGS = ("--flagfile=experiments/configs/tiny_test.flags", "--mesh_fsdp=2", "--mesh_tensor=2",
-              "--sft_warmup_steps=2", "--sft_warmup_batch_size=4", "--export_dtype=float32")
+              "--sft_warmup_steps=2", "--sft_warmup_batch_size=4", "--train_last_layers=1", "--export_dtype=float32")
 _HEARTBEAT_S = 10
 
 
@@ -118,8 +119,13 @@ def _assert_same_weights(a: Path, b: Path, what: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_kill_and_resume_like_one(tiny_chat_model_dir, tmp_path):
+    # The 1-process runs share a persistent compilation cache: the 1-process resume below loads what the straight
+    # run compiled, and its results must still equal the straight run's.
+    cache = tmp_path / "xla_cache"
+    cached = (f"--compilation_cache_dir={cache}", "--compilation_cache_min_compile_secs=0")
     straight = tmp_path / "straight"
-    _wait_ok(_launch(tiny_chat_model_dir, straight, 1), straight)
+    _wait_ok(_launch(tiny_chat_model_dir, straight, 1, *cached), straight)
+    assert any(cache.iterdir()), "the straight run wrote compiled programs to the cache"
     reference = _by_step(_metric_rows(straight))
     assert sorted(reference) == [0, 1, 2, 3, 4]
 
@@ -156,7 +162,13 @@ def test_two_processes_train_kill_and_resume_like_one(tiny_chat_model_dir, tmp_p
     # The 2-process checkpoint restores in a 1-process run (4 devices) ...
     single = tmp_path / "two_then_one"
     shutil.copytree(run, single, ignore=shutil.ignore_patterns("*.log"))
-    _wait_ok(_launch(tiny_chat_model_dir, single, 1, "--resume"), single)
+    # (without --resume the run refuses to start over on top of it)
+    refused = subprocess.run(_command(tiny_chat_model_dir, single), cwd=REPO_ROOT, env=_env(4), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    warm_mtime = (single / "warmup_model" / "model.safetensors").stat().st_mtime_ns
+    _wait_ok(_launch(tiny_chat_model_dir, single, 1, "--resume", *cached), single)
+    assert (single / "warmup_model" / "model.safetensors").stat().st_mtime_ns == warm_mtime, "warm-up re-ran"
     _assert_same_run(reference, _by_step(_metric_rows(single)), "resumed in 1 process")
     _assert_same_weights(straight / "export", single / "export", "export after a 1-process resume")
 
