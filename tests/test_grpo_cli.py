@@ -38,6 +38,11 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return by_step
 
 
+# The default flagfile's features (used by tests/test_fault_injection.py): an SFT warm-up (saved, then reused on
+# resume) and a trainable subset.
+_WARM = ("--sft_warmup_steps=2", "--sft_warmup_batch_size=4", "--train_last_layers=1")
+
+
 def test_invalid_flags_are_named(tiny_chat_model_dir, tmp_path):
     proc = subprocess.run(_grpo_command(tiny_chat_model_dir, tmp_path / "r", "--mini_batch_prompts=3"),
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -282,3 +282,15 @@ def test_lora_dropout_in_grpo_updates_does_not_depend_on_micro_batching(tiny_cha
     for x, y in zip(pa, pb):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
     assert any(not np.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(pa, pn))
+
+
+def test_a_model_with_adapters_trains_them_alone():
+    from toolrl_jax.models.lora import LORA_PARAM_REGEX
+    from toolrl_jax.training.trainable import trained_regex
+
+    model = CausalLM(ModelConfig.tiny("llama"), rngs=nnx.Rngs(0))
+    assert trained_regex(model, None, "X") is None and trained_regex(model, "^layers/1/", "X") == "^layers/1/"
+    apply_lora(model, LoRAConfig(rank=2), jax.random.key(0))
+    assert trained_regex(model, None, "X") == LORA_PARAM_REGEX
+    with pytest.raises(ValueError, match="SFTTrainer: the model has LoRA adapters.*'\\^layers/1/'"):
+        trained_regex(model, "^layers/1/", "SFTTrainer")

@@ -34,7 +34,7 @@ from flax import nnx
 
 from toolrl_jax.config_checks import option, requirement_checker
 from toolrl_jax.models.decoder import CausalLM, cast_floating
-from toolrl_jax.models.lora import LORA_PARAM_REGEX, LoRAConfig, base_adapters, has_lora, lora_dropout_rate
+from toolrl_jax.models.lora import LoRAConfig, base_adapters, has_lora, lora_dropout_rate
 from toolrl_jax.optim import DivergenceGuard, OptimizerConfig, TrainingDivergedError, check_schedule, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.rewards.config import RewardConfig
@@ -50,7 +50,7 @@ from toolrl_jax.training.layout import RowLayout
 from toolrl_jax.training.reward_shaping import check_component_weights, reward_parts, shape_rewards
 from toolrl_jax.training.rollout import Rollout, generate_rollout, start_rollout
 from toolrl_jax.training.step_metrics import step_metrics
-from toolrl_jax.training.trainable import count_params, last_layers_regex, trainable_filter
+from toolrl_jax.training.trainable import count_params, last_layers_regex, trainable_filter, trained_regex
 from toolrl_jax.training.update import update_stage
 from toolrl_jax.training.update_rows import update_rows
 
@@ -314,10 +314,7 @@ class GRPOTrainer:
         self.placement = placement
         self.lora = has_lora(model)
         self.lora_dropout = lora_dropout_rate(model)  # > 0: update batches carry dropout seeds (update_stage)
-        if self.lora and (config.train_last_layers or config.trainable_regex):
-            raise ValueError("GRPOTrainer: the model has LoRA adapters, which are all that trains: set "
-                             "train_last_layers=0 and trainable_regex=None")
-        trainable = LORA_PARAM_REGEX if self.lora else config.trainable_pattern(model.config.num_layers)
+        trainable = trained_regex(model, config.trainable_pattern(model.config.num_layers), "GRPOTrainer")
         self.graphdef, params, self.frozen = nnx.split(model, trainable_filter(trainable), ...)
         if not jax.tree.leaves(params):
             raise ValueError(f"GRPOConfig.trainable_regex={trainable!r} matches no parameter")

@@ -33,10 +33,8 @@ from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.models.decoder import CausalLM
 from toolrl_jax.models.lora import (
     DROPOUT_SEED_KEY,
-    LORA_PARAM_REGEX,
     LoRAConfig,
     dropout_seeds,
-    has_lora,
     lora_dropout_rate,
 )
 from toolrl_jax.optim import SCHEDULES, DivergenceGuard, OptimizerConfig, apply_gradients, make_optimizer
@@ -53,7 +51,7 @@ from toolrl_jax.training.sft_data import (
     TokenizeReport,
     tokenize_examples,
 )
-from toolrl_jax.training.trainable import trainable_filter
+from toolrl_jax.training.trainable import trainable_filter, trained_regex
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +252,10 @@ def make_eval_step(graphdef: nnx.GraphDef, chunk_size: Optional[int] = None):
 
 # ---------------------------------------------------------------------------------------------------- trainer
 def _split_trainable(model: CausalLM) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, trained params, frozen or None): a model with LoRA adapters trains only them."""
-    if has_lora(model):
-        return nnx.split(model, trainable_filter(LORA_PARAM_REGEX), ...)
+    """(graphdef, trained params, frozen or None): a model with LoRA adapters trains only them (`trained_regex`)."""
+    regex = trained_regex(model, None, "SFTTrainer")
+    if regex is not None:
+        return nnx.split(model, trainable_filter(regex), ...)
     graphdef, params = nnx.split(model)
     return graphdef, params, None
 

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from toolrl_jax.models.lora import LORA_PARAM_REGEX, has_lora
+
 
 def trainable_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
     """An nnx filter selecting parameters whose '/'-joined path matches `regex` (search); None selects all."""
@@ -14,6 +16,17 @@ def trainable_filter(regex: Optional[str]) -> Callable[[tuple, Any], bool]:
         return lambda path, value: True
     pattern = re.compile(regex)
     return lambda path, value: bool(pattern.search("/".join(str(p) for p in path)))
+
+
+def trained_regex(model: Any, regex: Optional[str], owner: str) -> Optional[str]:
+    """What trains in `model`: its LoRA adapters alone when it has them (then `regex` must be None: nothing else
+    may train), otherwise the parameters `regex` selects (None: all). `owner` names the caller in errors."""
+    if not has_lora(model):
+        return regex
+    if regex is not None:
+        raise ValueError(f"{owner}: the model has LoRA adapters, which are all that trains; it cannot also train "
+                         f"{regex!r} (set train_last_layers=0 and no trainable_regex)")
+    return LORA_PARAM_REGEX
 
 
 def last_layers_regex(num_layers: int, k: int) -> str:
