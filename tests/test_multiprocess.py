@@ -6,7 +6,7 @@ compilation, so they share runs): the warm-up's SFT steps and the GRPO steps giv
 metrics, samples and exports are written once; a process killed mid-run makes the other exit with JAX's "another
 task died" error within the heartbeat timeout (not a hang); the 2-process checkpoint restores both in a 2-process
 and in a 1-process run, each continuing as the uninterrupted run did. A quick 2-process script checks that each
-process feeds only its own rows of a batch to its devices.
+process feeds only its own rows of a batch to its devices, and `experiments.sft` as 2 processes equals 1 process.
 """
 from __future__ import annotations
 
@@ -47,20 +47,31 @@ def _env(devices: int) -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.grpo", *_RUN_FLAGS, f"--model={model_dir}", f"--run_dir={run_dir}",
+# experiments.sft on the same mesh: a tiny SFT run with held-out loss and accuracy (the sampler) every 2 steps.
+_SFT_FLAGS = ("--flagfile=experiments/configs/sft_default.flags", "--mesh_fsdp=2", "--mesh_tensor=2",
+              "--synthetic_train_size=8", "--synthetic_val_size=2", "--max_length=96", "--max_prompt_length=16",
+              "--batch_size=4", "--micro_batch_size=2", "--epochs=0", "--max_steps=3", "--save_every=1",
+              "--lr=1e-3", "--eval_every=2", "--eval_max_new_tokens=4", "--eval_batch_size=2",
+              "--logits_chunk_size=32", "--export_dtype=float32")
+
+
+def _command(model_dir: Path, run_dir: Path, *extra: str, module: str = "experiments.grpo") -> list[str]:
+    flags = _RUN_FLAGS if module == "experiments.grpo" else _SFT_FLAGS
+    return [sys.executable, "-m", module, *flags, f"--model={model_dir}", f"--run_dir={run_dir}",
             f"--export_dir={run_dir / 'export'}", *extra]
 
 
-def _launch(model_dir: Path, run_dir: Path, processes: int, *extra: str) -> list[subprocess.Popen]:
+def _launch(model_dir: Path, run_dir: Path, processes: int, *extra: str,
+            module: str = "experiments.grpo") -> list[subprocess.Popen]:
     """The run as `processes` processes of 4 / processes CPU devices each (logs in run_dir's parent)."""
     if processes == 1:
-        commands = [_command(model_dir, run_dir, *extra)]
+        commands = [_command(model_dir, run_dir, *extra, module=module)]
     else:
         address = f"127.0.0.1:{_free_port()}"
         commands = [_command(model_dir, run_dir, *extra, "--distributed", f"--coordinator_address={address}",
                              f"--num_processes={processes}", f"--process_id={i}",
-                             f"--heartbeat_timeout_seconds={_HEARTBEAT_S}") for i in range(processes)]
+                             f"--heartbeat_timeout_seconds={_HEARTBEAT_S}", module=module)
+                    for i in range(processes)]
     logs = [open(run_dir.parent / f"{run_dir.name}.{i}.log", "a") for i in range(processes)]
     procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(4 // processes), stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True) for cmd, log in zip(commands, logs)]
@@ -177,6 +188,23 @@ def test_two_processes_train_kill_and_resume_like_one(tiny_chat_model_dir, tmp_p
     _assert_same_run(reference, _by_step(_metric_rows(run)), "resumed in 2 processes")
     _assert_same_weights(straight / "export", run / "export", "export after a 2-process resume")
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+@pytest.mark.slow
+def test_two_processes_run_sft_like_one(tiny_chat_model_dir, tmp_path):
+    """experiments.sft (run_sft: evaluation before training and every 2 steps, with generation; checkpoints; the
+    export) as 2 processes equals 1 process with 4 devices; process 0 alone writes metrics and the export."""
+    one, two = tmp_path / "sft_one", tmp_path / "sft_two"
+    _wait_ok(_launch(tiny_chat_model_dir, one, 1, module="experiments.sft"), one)
+    _wait_ok(_launch(tiny_chat_model_dir, two, 2, module="experiments.sft"), two)
+    rows = [_metric_rows(d) for d in (one, two)]
+    assert len(rows[1]) == len(rows[0]) and [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]
+    reference = _by_step(rows[0])
+    assert any("eval/loss" in r for r in reference.values()) and sorted(reference)[-1] == 3
+    _assert_same_run(reference, _by_step(rows[1]), "experiments.sft in 2 processes")
+    _assert_same_weights(one / "export", two / "export", "SFT export")
+    assert (two / "export" / "toolrl_sft.json").is_file()
+    assert not [p.name for p in two.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
 _FEED = textwrap.dedent("""
