@@ -15,6 +15,21 @@ Reported per (implementation, batch): wall time of one generate call after a war
 reported separately), new tokens/s = batch * new_tokens / time, and for ours the time of a 1-token call (prefill
 + first token), from which the decode-only rate follows. Peak memory: device peak bytes (GPU), else the process's
 peak resident set size (CPU).
+
+`--workload=long_tail` measures rollouts whose rows have their own lengths, the case continuous batching is for:
+
+    python -m experiments.bench_sampling --workload=long_tail --model=smollm2-135m --dtype=float32 --rows=64 \
+        --group_size=4 --slots=16 --prompt_len=64 --new_tokens=1024 --length_dist=toolrl
+
+Row i is forced to exactly L_i new tokens (per-row budgets, stop tokens ignored), L_i drawn from `--length_dist`:
+`toolrl` is the log-normal fitted to the token lengths of ToolRL's 400 SFT reference answers (Qwen2.5 tokenizer:
+mean 370, median 363, 95th percentile 568, max 924; log-mean 5.854, log-sd 0.352; tests/test_sampling_bench.py
+re-fits it from ../shared), `lognormal` takes `--length_mean` and `--length_sigma`; lengths are clipped to
+[1, --new_tokens]. Side by side, each in its own process: our continuous engine with `--slots` slots, our static
+engine in batches of the slot count (equal KV memory) and with all rows in one batch, and Hugging Face `generate`
+in batches of the slot count (a logits processor forces each row's end). Reported: wall time after a compiling
+warm-up, useful tokens/s (sum of L_i / time), row-steps computed per useful token (1 = no step spent on a
+finished row or an idle slot), KV cache bytes, peak memory.
 """
 from __future__ import annotations
 
@@ -49,8 +64,23 @@ _PREFILL = flags.DEFINE_bool("measure_prefill", True, "Also time a 1-new-token c
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Only benchmark our sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 _JSON = flags.DEFINE_string("json_out", "bench_sampling.json", "Write all figures here.")
+_WORKLOAD = flags.DEFINE_enum("workload", "fixed", ["fixed", "long_tail"], "fixed: every row makes --new_tokens "
+                              "tokens, per --batch_sizes; long_tail: per-row lengths from --length_dist (engines "
+                              "side by side).")
+_FIXED_ENGINE = flags.DEFINE_enum("engine", "static", ["static", "continuous"], "fixed: our engine (every row has "
+                                   "the same length, so both do the same work; continuous uses batch-many slots).")
+_ROWS = flags.DEFINE_integer("rows", 64, "long_tail: rows per rollout (prompts x --group_size).")
+_GROUP = flags.DEFINE_integer("group_size", 4, "long_tail: responses per prompt (GRPO group; one prefill each).")
+_SLOTS = flags.DEFINE_integer("slots", 16, "long_tail: decode slots of the continuous engine; the static engine's "
+                              "equal-memory batches have this many rows.")
+_LENGTH_DIST = flags.DEFINE_enum("length_dist", "toolrl", ["toolrl", "lognormal"], "long_tail: per-row lengths.")
+_LENGTH_MEAN = flags.DEFINE_float("length_mean", 370.0, "long_tail, lognormal: mean tokens per row.")
+_LENGTH_SIGMA = flags.DEFINE_float("length_sigma", 0.35, "long_tail, lognormal: standard deviation of log length.")
+_ENGINES = flags.DEFINE_list("engines", ["continuous", "static_slots", "static_all", "hf"],
+                            "long_tail: what to measure (continuous, static_slots, static_all, hf).")
 # Internal: how the parent process hands work to its workers.
-_WORKER = flags.DEFINE_enum("worker", None, ["init", "jax", "hf"], "Internal: run one measurement and exit.")
+_WORKER = flags.DEFINE_enum("worker", None, ["init", "jax", "hf", "tail"], "Internal: run one measurement and exit.")
+_WORKER_ENGINE = flags.DEFINE_string("worker_engine", None, "Internal: the long_tail engine a worker measures.")
 _WEIGHTS = flags.DEFINE_string("weights_dir", None, "Internal: Hugging Face folder with the shared weights.")
 _WORKER_BATCH = flags.DEFINE_integer("worker_batch", None, "Internal: the batch size a worker measures.")
 _WORKER_JSON = flags.DEFINE_string("worker_json", None, "Internal: where a worker writes its result.")
@@ -106,7 +136,8 @@ def _worker_jax(batch: int) -> dict[str, Any]:
                              attention_impl=_ATTN.value)
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids)
+    sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids, engine=_FIXED_ENGINE.value,
+                      slots=batch)
     del model
     prompts = _prompts(batch, config.vocab_size)
     cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
@@ -205,14 +236,235 @@ def _rescore_probe(model, device) -> dict[str, float]:
             "mean_logprob_hf": float(theirs.mean())}
 
 
+# ---------------------------------------------------------------------------------------------- long-tailed workload
+# The log-normal fitted to the Qwen2.5-tokenizer lengths of ToolRL's 400 SFT reference answers (module docstring).
+TOOLRL_LOG_MEAN, TOOLRL_LOG_SD = 5.854, 0.352
+
+
+def tail_lengths(rows: int, budget: int, dist: str, mean: float, sigma: float, seed: int):
+    """Per-row response lengths, clipped to [1, budget]; `lognormal` keeps the given mean (log-mean = log(mean) -
+    sigma^2 / 2)."""
+    import numpy as np
+
+    if dist == "toolrl":
+        mu, sd = TOOLRL_LOG_MEAN, TOOLRL_LOG_SD
+    else:
+        mu, sd = float(np.log(mean)) - sigma ** 2 / 2, sigma
+    lengths = np.random.default_rng(seed).lognormal(mu, sd, size=rows)
+    return np.clip(np.rint(lengths), 1, budget).astype(np.int32)
+
+
+def _tail_workload():
+    """(prompts, per-row lengths) of the long-tailed workload, identical in every worker."""
+    from experiments.common import named_model_config
+
+    config = named_model_config(_MODEL.value)
+    prompts = _prompts(_ROWS.value // _GROUP.value, config.vocab_size)
+    lengths = tail_lengths(_ROWS.value, _NEW.value, _LENGTH_DIST.value, _LENGTH_MEAN.value, _LENGTH_SIGMA.value,
+                           _SEED.value)
+    return prompts, lengths
+
+
+def _row_steps_static(lengths, rows_per_batch: int) -> int:
+    """Rows x steps a static engine computes: each batch runs as many steps as its longest row."""
+    return sum(rows_per_batch * max(lengths[i:i + rows_per_batch]) for i in range(0, len(lengths), rows_per_batch))
+
+
+def _peak() -> tuple[int, str]:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    return _host_peak_bytes(), "host_rss"
+
+
+def _worker_tail(engine: str) -> dict[str, Any]:
+    """One of our engines on the long-tailed workload, after a warm-up call with the same shapes (2-token rows)."""
+    import jax
+    import numpy as np
+
+    from experiments.tools.memory_model import kv_cache_bytes_per_token
+    from toolrl_jax.models.hf_io import load_hf_model
+    from toolrl_jax.sampling import Sampler, SamplingConfig
+
+    _, model = load_hf_model(_WEIGHTS.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value,
+                             attention_impl=_ATTN.value)
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    prompts, lengths = _tail_workload()
+    n, slots = _GROUP.value, _SLOTS.value
+    per_batch = len(prompts) if engine == "static_all" else slots // n
+    sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids,
+                      engine="continuous" if engine == "continuous" else "static", slots=slots)
+    del model
+    cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+                         group_size=n, ignore_stop=True, prompt_length_buckets=(_PROMPT.value,),
+                         batch_buckets=(per_batch,))
+    key = jax.random.key(_SEED.value)
+    start = time.perf_counter()
+    sampler.generate(prompts, cfg, key, max_new_tokens=np.minimum(lengths, 2))
+    warmup_s = time.perf_counter() - start
+    compiles = sampler.compile_count
+    start = time.perf_counter()
+    out = sampler.generate(prompts, cfg, key, max_new_tokens=lengths)
+    seconds = time.perf_counter() - start
+    if not (out.lengths == lengths).all():
+        raise RuntimeError(f"{engine}: rows did not stop at their budgets")
+    if sampler.compile_count != compiles:
+        raise RuntimeError(f"{engine}: the timed call compiled again ({compiles} -> {sampler.compile_count})")
+    useful = int(lengths.sum())
+    if engine == "continuous":
+        stats = sampler._continuous.last_stats
+        row_steps, cached_rows = stats.decode_steps * stats.slots + len(lengths), stats.slots
+    else:
+        row_steps, cached_rows = _row_steps_static(lengths, per_batch * n), per_batch * n
+    peak, kind = _peak()
+    return {"impl": engine, "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
+            "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
+            "row_steps_per_useful_token": row_steps / useful,
+            "kv_cache_bytes": int(cached_rows * (_PROMPT.value + _NEW.value) * kv_cache_bytes_per_token(
+                config, sampler.cache_dtype)),
+            "mean_logprob": float(out.logprobs[out.response_mask.astype(bool)].mean()),
+            "peak_bytes": peak, "peak_kind": kind, "device": jax.devices()[0].device_kind}
+
+
+def _worker_tail_hf() -> dict[str, Any]:
+    """Hugging Face `generate` on the long-tailed workload, in batches of --slots rows; a logits processor makes
+    each row end with EOS exactly at its length (so finished rows are padded while the batch runs on)."""
+    import numpy as np
+    import torch
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[_DTYPE.value]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        _WEIGHTS.value, dtype=dtype, attn_implementation=_HF_ATTN.value).to(device).eval()
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    prompts, lengths = _tail_workload()
+    rows = np.repeat(np.asarray(prompts), _GROUP.value, axis=0)
+
+    class EndAtLength(transformers.LogitsProcessor):
+        def __init__(self, budgets: np.ndarray):
+            self.budgets = torch.tensor(budgets, device=device)
+
+        def __call__(self, input_ids, scores):
+            made = input_ids.shape[1] - _PROMPT.value
+            end = self.budgets - 1 == made
+            scores[~end, eos] = -float("inf")
+            scores[end] = -float("inf")
+            scores[end, eos] = 0.0
+            return scores
+
+    sampling = dict(do_sample=True, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value) \
+        if _TEMP.value > 0 else dict(do_sample=False)
+
+    def run(budgets: np.ndarray) -> int:
+        made = 0
+        for i in range(0, len(rows), _SLOTS.value):
+            ids = torch.tensor(rows[i:i + _SLOTS.value], dtype=torch.long, device=device)
+            part = budgets[i:i + _SLOTS.value]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(part.max()),
+                                     eos_token_id=eos, pad_token_id=pad,
+                                     logits_processor=transformers.LogitsProcessorList([EndAtLength(part)]),
+                                     **sampling)
+            new = out[:, _PROMPT.value:].cpu().numpy()
+            ends = np.argmax(new == eos, axis=1) + 1
+            if not (ends == part).all():
+                raise RuntimeError(f"HF rows ended at {ends[:8]}, wanted {part[:8]}")
+            made += int(ends.sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return made
+
+    torch.manual_seed(_SEED.value)
+    start = time.perf_counter()
+    run(np.minimum(lengths, 2))
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    useful = run(lengths)
+    seconds = time.perf_counter() - start
+    result = {"impl": "hf_generate", "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
+              "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
+              "row_steps_per_useful_token": _row_steps_static(lengths, _SLOTS.value) / useful,
+              "torch": torch.__version__, "transformers": transformers.__version__}
+    if device.type == "cuda":
+        result["peak_bytes"], result["peak_kind"] = int(torch.cuda.max_memory_allocated()), "device"
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        result["peak_bytes"], result["peak_kind"], result["device"] = _host_peak_bytes(), "host_rss", "cpu"
+    return result
+
+
+def _tail_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| engine | useful tokens/s | s / rollout | row-steps per useful token | KV cache | peak memory | "
+             "warm-up s |", "|" + "---|" * 7]
+    for r in rows:
+        kv = "-" if "kv_cache_bytes" not in r else f"{r['kv_cache_bytes'] / 2 ** 20:,.0f} MiB"
+        mem = f"{r['peak_bytes'] / 2 ** 30:.2f} GiB ({'dev' if r['peak_kind'] == 'device' else 'rss'})"
+        lines.append(f"| {r['impl']} | {r['useful_tokens_per_s']:,.0f} | {r['seconds']:.1f} | "
+                     f"{r['row_steps_per_useful_token']:.2f} | {kv} | {mem} | {r['warmup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _parent_tail() -> None:
+    config = _model_config()
+    engines = list(_ENGINES.value)
+    unknown = sorted(set(engines) - {"continuous", "static_slots", "static_all", "hf"})
+    if unknown:
+        raise app.UsageError(f"--engines: unknown {unknown}")
+    if _ROWS.value % _GROUP.value or _SLOTS.value % _GROUP.value or _SLOTS.value < _GROUP.value:
+        raise app.UsageError(f"--rows ({_ROWS.value}) and --slots ({_SLOTS.value}) must be multiples of --group_size "
+                             f"({_GROUP.value}), and --slots >= --group_size")
+    if _PROMPT.value + _NEW.value > config.max_position_embeddings:
+        raise app.UsageError(f"--prompt_len + --new_tokens exceeds the model's {config.max_position_embeddings} "
+                             "positions")
+    _, lengths = _tail_workload()
+    scratch = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
+    try:
+        weights = scratch / "weights"
+        init = _spawn("init", weights, scratch)
+        rows = [_spawn("tail", weights, scratch, engine=engine) for engine in engines]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    by_impl = {r["impl"]: r for r in rows}
+    if "continuous" in by_impl:
+        for r in rows:
+            r["continuous_speedup"] = by_impl["continuous"]["useful_tokens_per_s"] / r["useful_tokens_per_s"]
+    report = {"workload": "long_tail", "model": _MODEL.value, "num_params": init["num_params"], "dtype": _DTYPE.value,
+              "device": init["device"], "rows": _ROWS.value, "group_size": _GROUP.value, "slots": _SLOTS.value,
+              "prompt_len": _PROMPT.value, "max_new_tokens": _NEW.value, "length_dist": _LENGTH_DIST.value,
+              "length_mean": float(lengths.mean()), "length_max": int(lengths.max()),
+              "temperature": _TEMP.value, "results": rows}
+    print(f"\nmodel {_MODEL.value} ({init['num_params'] / 1e9:.3f} B params, {_DTYPE.value}) on {init['device']}; "
+          f"{_ROWS.value} rows ({_GROUP.value} per prompt) of prompt {_PROMPT.value} + lengths from "
+          f"{_LENGTH_DIST.value} (mean {lengths.mean():.0f}, max {lengths.max()}, budget {_NEW.value}); "
+          f"{_SLOTS.value} slots\n")
+    print(_tail_table(rows))
+    for r in rows:
+        if r["impl"] != "continuous" and "continuous_speedup" in r:
+            print(f"continuous engine: {r['continuous_speedup']:.2f}x the useful tokens/s of {r['impl']}")
+    if _JSON.value:
+        Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_JSON.value).write_text(json.dumps(report, indent=2))
+        print(f"wrote {_JSON.value}")
+
+
 # ---------------------------------------------------------------------------------------------- parent
-def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = None) -> dict[str, Any]:
-    out = scratch / f"{worker}_{batch}.json"
+def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = None,
+           engine: str | None = None) -> dict[str, Any]:
+    out = scratch / f"{worker}_{batch}_{engine}.json"
     cmd = [sys.executable, "-m", "experiments.bench_sampling", f"--worker={worker}", f"--weights_dir={weights_dir}",
            f"--worker_json={out}", f"--probe_file={scratch / f'probe_{batch}.json'}"] + _serialized_flags()
     if batch is not None:
         cmd.append(f"--worker_batch={batch}")
-    print(f"[bench_sampling] running {worker} worker" + (f" (batch {batch})" if batch else ""), flush=True)
+    if engine is not None:
+        cmd.append(f"--worker_engine={engine}")
+    print(f"[bench_sampling] running {worker} worker" + (f" (batch {batch})" if batch else "") +
+          (f" ({engine})" if engine else ""), flush=True)
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{worker} worker (batch {batch}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
@@ -221,7 +473,8 @@ def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = No
 
 def _serialized_flags() -> list[str]:
     names = ("model", "prompt_len", "new_tokens", "temperature", "top_p", "top_k", "dtype", "attention_impl",
-             "hf_attn", "repeats", "measure_prefill", "seed")
+             "hf_attn", "repeats", "measure_prefill", "seed", "engine", "rows", "group_size", "slots", "length_dist",
+             "length_mean", "length_sigma")
     return [flags.FLAGS[name].serialize() for name in names]
 
 
@@ -288,7 +541,7 @@ def _parent() -> None:
 def main(argv: list[str]) -> None:
     del argv
     if _WORKER.value is None:
-        _parent()
+        _parent_tail() if _WORKLOAD.value == "long_tail" else _parent()
         return
     if not _WEIGHTS.value or not _WORKER_JSON.value:
         raise app.UsageError("--worker needs --weights_dir and --worker_json")
@@ -296,6 +549,8 @@ def main(argv: list[str]) -> None:
         result = _worker_init()
     elif _WORKER.value == "jax":
         result = _worker_jax(_WORKER_BATCH.value)
+    elif _WORKER.value == "tail":
+        result = _worker_tail_hf() if _WORKER_ENGINE.value == "hf" else _worker_tail(_WORKER_ENGINE.value)
     else:
         result = _worker_hf(_WORKER_BATCH.value)
     Path(_WORKER_JSON.value).write_text(json.dumps(result))

@@ -65,6 +65,11 @@ _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N items pe
 _PROMPT_TEMPLATE = flags.DEFINE_string("prompt_template", None, "System prompt template file with a {tools} "
                                        "placeholder (default: the ToolRL prompt).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per generation call.", lower_bound=1)
+_ENGINE = flags.DEFINE_enum("rollout_engine", "continuous", ["continuous", "static"],
+                            "Decode engine: continuous (slots refilled as rows stop) or static (each call decodes "
+                            "until its longest row stops); the same greedy outputs.")
+_SLOTS = flags.DEFINE_integer("rollout_slots", None, "Decode slots of the continuous engine (default: the call's "
+                              "rows, up to 64).", lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", None, "Response cap per generation (default: each benchmark's own; BFCL, API-Bank and Bamboogle "
     "4096 as the originals, held-out 1024 as training). A generation gets min(cap, context - prompt) tokens.",
@@ -172,7 +177,7 @@ def generator_from_flags() -> Generator:
     from experiments.common import load_model_and_tokenizer
 
     _, model, tokenizer, _ = load_model_and_tokenizer()
-    return SamplerGenerator(model, tokenizer, SamplerGeneratorConfig())
+    return SamplerGenerator(model, tokenizer, SamplerGeneratorConfig(engine=_ENGINE.value, slots=_SLOTS.value))
 
 
 def check_model_flags() -> None:

@@ -235,3 +235,29 @@ def test_rewards_are_scored_while_the_logprob_passes_run(tiny_chat_model_dir):
     # 8 rows in chunks of 2, old policy and reference: 8 passes, all before scoring.
     assert events == ["logprob"] * 8 + ["score"]
     assert result.metrics["time/score_s"] >= 0 and result.metrics["time/logprob_s"] > 0
+
+
+def test_rollout_engines_give_the_same_steps_and_compile_once(tiny_chat_model_dir):
+    """GRPO steps and validation with the continuous engine (2 slots: one group at a time, refilled) equal those of
+    the static engine: same samples, same metrics and parameters; the second step compiles no sampler program."""
+    runs = []
+    for engine, slots in (("static", None), ("continuous", 2)):
+        trainer, prompts, truths = _trainer(tiny_chat_model_dir, rollout_engine=engine, rollout_slots=slots)
+        first = trainer.train_step(prompts, truths, jax.random.key(4))
+        compiled = trainer.sampler.compile_count
+        second = trainer.train_step(prompts, truths, jax.random.key(5))
+        assert trainer.sampler.compile_count == compiled, trainer.sampler.traces
+        val, val_samples, _ = trainer.validate(prompts[:3], truths[:3], step=2)
+        runs.append((first, second, val, val_samples, jax.tree.map(np.asarray, trainer.params)))
+        if engine == "continuous":
+            assert trainer.sampler._continuous.last_stats.slots == 2
+    (s1, s2, sv, svs, sp), (c1, c2, cv, cvs, cp) = runs
+    for a, b in ((s1, c1), (s2, c2)):
+        np.testing.assert_array_equal(a.samples.response_ids, b.samples.response_ids)
+        np.testing.assert_allclose(a.samples.logprobs, b.samples.logprobs, atol=1e-5, rtol=0)
+        for key in ("actor/pg_loss", "actor/grad_norm", "kl/old_ref_k1", "reward/total", "response/length_mean"):
+            np.testing.assert_allclose(a.metrics[key], b.metrics[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(svs.response_ids, cvs.response_ids)
+    assert sv == pytest.approx(cv)
+    for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(cp)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)

@@ -29,7 +29,7 @@ def _model(family: str = "qwen2", seed: int = 0, sharpen: float = 1.0) -> Causal
 @pytest.fixture(scope="module")
 def greedy_setup():
     model = _model("qwen2", seed=0)
-    sampler = Sampler(model, pad_id=PAD, stop_token_ids=())
+    sampler = Sampler(model, pad_id=PAD, stop_token_ids=(), engine="static")
     out = sampler.generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=8), key=0)
     return model, sampler, out
 
@@ -215,7 +215,8 @@ def test_decode_loop_updates_the_kv_cache_in_place(greedy_setup):
     _, sampler, _ = greedy_setup
     (shape, spec), = [k for k in sampler.traces if k[1].greedy and k[1].max_new_tokens == 8 and k[0] == (4, 32)]
     ids = np.zeros(shape, np.int32)
-    hlo = sampler._generate.lower(sampler._state, ids, ids, np.arange(4, dtype=np.int32), jax.random.key(0),
+    hlo = sampler._generate.lower(sampler._state, ids, ids, np.arange(4, dtype=np.int32), np.full(4, 8, np.int32),
+                                  jax.random.key(0),
                                   np.float32(0), np.float32(1), spec=spec).compile().as_text()
     cache_shape = "f32[4,40,2,8]"  # [rows, prompt bucket + budget, kv heads, head dim]
     assert " while(" in hlo and cache_shape in hlo
@@ -267,7 +268,7 @@ def test_same_key_same_samples_rows_independent(sharp_sampler):
 # ---------------------------------------------------------------------------------------------- compilation
 def test_one_compile_per_bucket_and_weight_updates_do_not_recompile():
     model = _model("qwen2", seed=2)
-    sampler = Sampler(model, pad_id=PAD, stop_token_ids=(2,))
+    sampler = Sampler(model, pad_id=PAD, stop_token_ids=(2,), engine="static")
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, batch_buckets=(4,), min_prompt_bucket=16)
     rng = np.random.default_rng(0)
 

@@ -41,3 +41,47 @@ def test_bench_rejects_sizes_beyond_the_model_positions():
     proc = _run("--batch_sizes=1", "--prompt_len=500", "--new_tokens=100", "--skip_hf")
     assert proc.returncode != 0 and "max_position" not in proc.stdout
     assert "exceeds the model's 512 positions" in proc.stderr
+
+
+def test_toolrl_length_distribution_is_the_fit_of_the_reference_answers(shared_dir, tmp_path):
+    """The `toolrl` long-tail lengths are the log-normal fitted to the Qwen2.5-token lengths of ToolRL's SFT400
+    reference answers (re-fitted here from ../shared)."""
+    import numpy as np
+
+    from experiments.bench_sampling import TOOLRL_LOG_MEAN, TOOLRL_LOG_SD, tail_lengths
+    from toolrl_jax import assets
+    from toolrl_jax.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(assets.prepare_qwen_tokenizer(tmp_path))
+    answers = [row["output"] for row in json.loads((shared_dir / "data/toolrl/rlla_sft.json").read_text())]
+    lengths = np.log([len(tokenizer(a)["input_ids"]) for a in answers])
+    assert abs(lengths.mean() - TOOLRL_LOG_MEAN) < 0.005 and abs(lengths.std() - TOOLRL_LOG_SD) < 0.005
+    drawn = tail_lengths(20000, 1024, "toolrl", 0, 0, seed=0)
+    assert abs(drawn.mean() - np.exp(lengths).mean()) < 10 and drawn.max() <= 1024 and drawn.min() >= 1
+    other = tail_lengths(20000, 4096, "lognormal", 200.0, 0.8, seed=0)  # the mean is kept for any spread
+    assert abs(other.mean() - 200) < 5 and np.log(other).std() == pytest.approx(0.8, abs=0.02)
+
+
+def test_static_row_steps_count_each_batch_at_its_longest_row():
+    from experiments.bench_sampling import _row_steps_static
+
+    # Batches of 4 rows: [3, 9, 2, 2] runs 9 steps, [5, 1, 1, 1] runs 5: 4 * 9 + 4 * 5 row-steps.
+    assert _row_steps_static([3, 9, 2, 2, 5, 1, 1, 1], 4) == 56
+
+
+@pytest.mark.slow
+def test_long_tail_workload_runs_the_engines_side_by_side(tmp_path):
+    out = tmp_path / "tail.json"
+    proc = _run("--workload=long_tail", "--rows=12", "--group_size=2", "--slots=4", "--prompt_len=8",
+                "--new_tokens=48", "--length_dist=lognormal", "--length_mean=12", "--length_sigma=0.8",
+                "--engines=continuous,static_slots", f"--json_out={out}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    by_impl = {r["impl"]: r for r in report["results"]}
+    assert set(by_impl) == {"continuous", "static_slots"}
+    cont, static = by_impl["continuous"], by_impl["static_slots"]
+    assert cont["useful_tokens"] == static["useful_tokens"] == round(report["length_mean"] * 12)
+    # Equal KV memory (4 slots vs batches of 4 rows); the static batches run to their longest row.
+    assert cont["kv_cache_bytes"] == static["kv_cache_bytes"] > 0
+    assert 1 <= cont["row_steps_per_useful_token"] < static["row_steps_per_useful_token"]
+    assert "| continuous |" in proc.stdout and "continuous engine:" in proc.stdout

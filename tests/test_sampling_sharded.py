@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     prompts = [[5, 17, 33, 9], [40, 41, 42, 43, 44, 45, 46], [77], [3, 4, 5], [90, 91]]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
     sampled = SamplingConfig(temperature=1.0, top_k=40, group_size=2, max_new_tokens=6)
-    single = Sampler(model, pad_id=0, stop_token_ids=(2,))
+    single = Sampler(model, pad_id=0, stop_token_ids=(2,), engine="static")
     want = [single.generate(prompts, cfg, 3) for cfg in (greedy, sampled)]
 
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
@@ -38,10 +38,15 @@ SCRIPT = textwrap.dedent("""
     sharded_model = nnx.merge(graphdef, state)
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
                for x in jax.tree.leaves(state))
-    sharded = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh)
+    sharded = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, engine="static")
     assert sharded.sharding.batch_axes == ("data", "fsdp") and sharded.sharding.head_axis == "tensor"
     got = [sharded.generate(prompts, cfg, 3) for cfg in (greedy, sampled)]
-    for w, g in zip(want, got):
+    # The continuous engine on the mesh: 4 slots (one per data-parallel shard), refilled one prompt at a time.
+    continuous = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=4, refill_prompts=1)
+    for cfg in (greedy, sampled):
+        got.append(continuous.generate(prompts, cfg, 3))
+        assert continuous._continuous.last_stats.inserts >= 2, continuous._continuous.last_stats
+    for w, g in zip(want + want, got):
         np.testing.assert_array_equal(g.response_ids, w.response_ids)
         np.testing.assert_array_equal(g.lengths, w.lengths)
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
@@ -51,7 +56,8 @@ SCRIPT = textwrap.dedent("""
     assert {sig[0] for sig in sharded.traces} == {(8, 32)}, sharded.traces
     ids = np.zeros((8, 32), np.int32); seg = np.ones((8, 32), np.int32)
     out = sharded._generate(sharded._state, sharded._place(ids), sharded._place(seg),
-                            sharded._place(np.arange(8, dtype=np.int32)), jax.random.key(0), np.float32(0),
+                            sharded._place(np.arange(8, dtype=np.int32)), sharded._place(np.full(8, 6, np.int32)),
+                            jax.random.key(0), np.float32(0),
                             np.float32(1), spec=next(iter(sharded.traces))[1])
     assert out["tokens"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2), \\
         out["tokens"].sharding

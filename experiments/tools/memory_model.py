@@ -72,8 +72,10 @@ class GRPOMemorySetup:
 
     micro_batch_rows: rows per gradient-accumulation micro-batch, global (split over data x fsdp).
     prompt_len / response_len: padded prompt columns P and response budget R (training rows are P + R tokens).
-    rollout_prompts: prompts prefilled per generate call (GRPOTrainer uses min(64, prompts_per_step)); each is
-      decoded group_size times, so a call holds rollout_prompts * group_size rows of KV cache.
+    rollout_prompts: prompts whose rows are decoded at once (GRPOTrainer uses min(64, prompts_per_step)), each
+      group_size times: the static engine's chunk, and the continuous engine's default slot count
+      (rollout_prompts * group_size slots), so either way rollout_prompts * group_size rows of KV cache, however
+      many rows the rollout has.
     prefill_chunk: prompt tokens per prefill piece (SamplingConfig.prefill_chunk; None = whole prompt at once).
     grad_accumulation: more than one micro-batch per update (a separate accumulator and micro-batch gradient).
     reference: keep a frozen reference copy of the weights (GRPO's KL term).

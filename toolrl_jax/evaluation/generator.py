@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ class SamplerGeneratorConfig:
     # A prompt too long for the full budget within the model's window is decoded with its own budget, rounded
     # down to a multiple of this (bounds the number of compiled programs; recorded on the completion).
     budget_quantum: int = 256
+    engine: str = "continuous"  # the Sampler's decode engine (continuous or static; same outputs)
+    slots: Optional[int] = None  # decode slots of the continuous engine (None: the call's rows, up to 64)
 
 
 class SamplerGenerator:
@@ -150,7 +152,8 @@ class SamplerGenerator:
         self.window = int(model.config.max_position_embeddings)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = tokenization.stop_token_ids(tokenizer, config.family)
-        self._sampler = sampling.Sampler(model, pad_id=pad_id, stop_token_ids=stops)
+        self._sampler = sampling.Sampler(model, pad_id=pad_id, stop_token_ids=stops, engine=config.engine,
+                                         slots=config.slots)
         self._calls = 0
 
     def _call_budget(self, kept: int, budget: int, limits: GenerationLimits) -> int:

@@ -21,15 +21,19 @@ _MASK_VALUE = -1e30  # finite, so fully-masked (padding) query rows give a unifo
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values per layer plus the segment id of every slot (0 = empty or padding).
+    """Preallocated keys/values per layer plus the segment id and token position of every slot (segment 0 = empty
+    or padding).
 
     keys/values: tuples of [batch, max_len, num_kv_heads, head_dim]; index: next slot to write (int32 scalar).
+    Causality is decided by the stored positions, not by slot order, so a cache may be used as a ring (the
+    continuous rollout engine writes slot index mod max_len and places each row's prompt to end at the index).
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, max_len] int32
     index: jax.Array  # [] int32
+    positions: jax.Array  # [batch, max_len] int32: the token position held by each slot
 
     @property
     def max_len(self) -> int:
@@ -42,7 +46,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype |
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
+                   positions=jnp.zeros((batch, max_len), jnp.int32))
 
 
 class LoRAParam(nnx.Param):
@@ -116,11 +121,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-def attention_mask(q_segment_ids: jax.Array, q_slots: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-    """[B,T,S] bool: a query sees keys of its own (non-zero) segment at slots up to its own."""
-    kv_slots = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)
+def attention_mask(q_segment_ids: jax.Array, q_order: jax.Array, kv_segment_ids: jax.Array,
+                   kv_order: Optional[jax.Array] = None) -> jax.Array:
+    """[B,T,S] bool: a query sees keys of its own (non-zero) segment that come no later than itself.
+
+    q_order [B,T] / kv_order [B,S]: what orders tokens within a segment (slot numbers, or the positions a cache
+    stores); kv_order None means the slot numbers 0..S-1."""
+    if kv_order is None:
+        kv_order = jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32)[None, :]
     same_segment = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
-    causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+    causal = kv_order[:, None, :] <= q_order[:, :, None]
     return same_segment & causal
 
 
@@ -243,15 +253,15 @@ class CausalLM(nnx.Module):
         chex.assert_equal(cache.segment_ids.shape[0], b)
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                    (0, cache.index))
-        slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = attention_mask(segment_ids, slots, kv_segments)
+        kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
+        mask = attention_mask(segment_ids, positions.astype(jnp.int32), kv_segments, kv_positions)
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
             x, (k, v) = layer(x, positions, inv_freq, mask, (k, v), cache.index)
             new_keys.append(k)
             new_values.append(v)
         new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=kv_segments,
-                            index=cache.index + t)
+                            index=cache.index + t, positions=kv_positions)
         return self.final_norm(x), new_cache
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:

@@ -66,7 +66,7 @@ def _constrain_cache(cache: KVCache, sharding: Optional[BatchSharding]) -> KVCac
     return KVCache(keys=tuple(jax.lax.with_sharding_constraint(k, kv) for k in cache.keys),
                    values=tuple(jax.lax.with_sharding_constraint(v, kv) for v in cache.values),
                    segment_ids=jax.lax.with_sharding_constraint(cache.segment_ids, sharding.batch(2)),
-                   index=cache.index)
+                   index=cache.index, positions=jax.lax.with_sharding_constraint(cache.positions, sharding.batch(2)))
 
 
 def _constrain(x: jax.Array, sharding: Optional[BatchSharding]) -> jax.Array:
@@ -83,7 +83,7 @@ def expand_cache(cache: KVCache, group_size: int, extra_slots: int) -> KVCache:
         return jnp.pad(x, pad)
 
     return KVCache(keys=tuple(grow(k) for k in cache.keys), values=tuple(grow(v) for v in cache.values),
-                   segment_ids=grow(cache.segment_ids), index=cache.index)
+                   segment_ids=grow(cache.segment_ids), index=cache.index, positions=grow(cache.positions))
 
 
 def row_keys(key: jax.Array, prompt_index: jax.Array, group_size: int) -> jax.Array:
@@ -128,13 +128,15 @@ def prefill(model: CausalLM, prompt_ids: jax.Array, prompt_segments: jax.Array, 
 
 
 def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_segments: jax.Array,
-                    prompt_index: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                    prompt_index: jax.Array, budgets: jax.Array, key: jax.Array, temperature: jax.Array,
+                    top_p: jax.Array, *,
                     spec: DecodeSpec, sharding: Optional[BatchSharding] = None,
                     on_trace: Optional[Callable[[tuple], None]] = None) -> dict[str, jax.Array]:
     """Samples `spec.group_size` responses for each of B left-padded prompts.
 
     prompt_ids/prompt_segments: [B, P] int32 (segment 0 = padding, on the left); prompt_index: [B] global prompt
-    numbers (seed the per-row keys); key: a PRNG key. Returns arrays with B*n rows, prompt-major:
+    numbers (seed the per-row keys); budgets: [B*n] each row's token budget (<= spec.max_new_tokens); key: a PRNG
+    key. Returns arrays with B*n rows, prompt-major:
     tokens [B*n, R] (pad_id after the stop), logprobs [B*n, R] float32 (0 after the stop), lengths [B*n]
     (generated tokens including the stop token), stopped [B*n] bool, and tempered_logprobs [B*n, R] when
     spec.tempered_logprobs.
@@ -144,6 +146,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     chex.assert_rank([prompt_ids, prompt_segments, prompt_index], [2, 2, 1])
     chex.assert_equal_shape([prompt_ids, prompt_segments])
     chex.assert_equal(prompt_index.shape[0], prompt_ids.shape[0])
+    chex.assert_shape(budgets, (prompt_ids.shape[0] * spec.group_size,))
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
     n, budget = spec.group_size, spec.max_new_tokens
@@ -154,6 +157,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     # batch have segment 0 everywhere: they compute harmless garbage and are dropped by the caller.
     prompt_segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
     prompt_ids = _constrain(prompt_ids.astype(jnp.int32), sharding)
+    budgets = _constrain(budgets.astype(jnp.int32), sharding)
     cache = _constrain_cache(init_cache(model.config, batch, prompt_len, spec.cache_dtype), sharding)
     last_hidden, cache = prefill(model, prompt_ids, prompt_segments, cache, spec.prefill_chunk)
     last_logits = model.logits_from_hidden(last_hidden)  # [B, V] float32
@@ -189,6 +193,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         if not spec.ignore_stop and spec.stop_token_ids:
             out["stopped"] = carry["stopped"] | (active & jnp.isin(token, stop_ids))
             out["done"] = carry["done"] | out["stopped"]
+        out["done"] = out["done"] | (out["lengths"] >= budgets)
         out["last"] = token
         return out
 

@@ -1,9 +1,14 @@
-"""`Sampler`: host-side batching around the jitted rollout kernel, returning numpy `SampleOutput`s.
+"""`Sampler`: host-side batching around the jitted rollout kernels, returning numpy `SampleOutput`s.
 
-Prompts are split into chunks of `config.prompts_per_batch`, each chunk left-padded to a prompt-length bucket and
-padded with dummy prompts to a batch bucket, so a run compiles once per (length bucket, batch bucket) and the last
-partial chunk reuses a compiled shape. All chunks are dispatched before any result is fetched, so host work for one
-overlaps device work for the previous one.
+Two engines share this interface and give the same tokens for the same key:
+
+* continuous (default; `continuous.py`, `scheduler.py`): a fixed number of decode slots; rows stop independently and
+  their slots are refilled from the queue of pending prompts, so no decode step is spent on a finished row and the
+  KV cache is bounded by the slot count, whatever the number of rows;
+* static (`engine.py`): prompts are split into chunks of `config.prompts_per_batch`, each chunk left-padded to a
+  prompt-length bucket and padded with dummy prompts to a batch bucket (one compile per (length bucket, batch
+  bucket)), and each chunk decodes until its longest row stops. All chunks are dispatched before any result is
+  fetched, so host work for one overlaps device work for the previous one.
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ from jax.sharding import Mesh
 from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.sampling.config import SamplingConfig, batch_bucket, prompt_length_bucket
 from toolrl_jax.sampling.engine import BatchSharding, DecodeSpec, generate_tokens
+from toolrl_jax.sampling.scheduler import ContinuousEngine, to_numpy
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
+ENGINES = ("continuous", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +75,6 @@ class SampleOutput:
         return np.concatenate([self.prompt_mask, self.response_mask], axis=1)
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 class Sampler:
     """Generates responses with a preallocated KV cache, one compile per shape bucket.
 
@@ -86,11 +86,25 @@ class Sampler:
       of "data", "fsdp" that the mesh has); KV heads go over "tensor" when it divides them.
     cast_params: keep a copy of floating parameters in the compute dtype (bit-identical results, since the model
       casts weights to it anyway, and half the bytes read per decode step for fp32 master weights).
+    engine: "continuous" (default; `sampling/continuous.py`): a fixed set of decode slots refilled from a queue as
+      rows stop, so no decode step is spent on a finished row; "static": each chunk of prompts decodes until its
+      longest row stops. Both give the same tokens for the same key.
+    slots: decode slots of the continuous engine (its KV cache holds slots x (prompt bucket + budget) tokens);
+      None: a config's prompts_per_batch x group_size, the rows (and KV memory) of one static chunk.
+    refill_prompts: prompts prefilled per refill (None: an eighth of the slots' prompts, at least one); the
+      engine decodes until that many groups of slots are free.
     """
 
     def __init__(self, model: CausalLM, pad_id: int, stop_token_ids: Sequence[int] = (), tokenizer: Any = None,
                  mesh: Optional[Mesh] = None, batch_axes: Optional[Sequence[str]] = None, cast_params: bool = True,
-                 cache_dtype: Optional[str] = None):
+                 cache_dtype: Optional[str] = None, engine: str = "continuous", slots: Optional[int] = None,
+                 refill_prompts: Optional[int] = None):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        for name, value in (("slots", slots), ("refill_prompts", refill_prompts)):
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"Sampler {name} must be a positive integer or None, got {value!r}")
+        self.engine, self.slots, self.refill_prompts = engine, slots, refill_prompts
         self.config = model.config
         vocab = self.config.vocab_size
         if not 0 <= int(pad_id) < vocab:
@@ -111,6 +125,7 @@ class Sampler:
         self._generate = jax.jit(
             functools.partial(generate_tokens, self._graphdef, sharding=self.sharding, on_trace=self._count),
             static_argnames=("spec",))
+        self._continuous = ContinuousEngine(self._graphdef, self.config, self.sharding, self._place, self._count)
 
     # ------------------------------------------------------------------ setup
     def _batch_sharding(self, mesh: Optional[Mesh], batch_axes: Optional[Sequence[str]]) -> Optional[BatchSharding]:
@@ -192,26 +207,67 @@ class Sampler:
         sharding = self.sharding.batch(array.ndim)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig,
-                 key: jax.Array | int) -> SampleOutput:
-        """Samples config.group_size responses for every prompt (token id lists, unpadded)."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array | int,
+                 max_new_tokens: Optional[Sequence[int]] = None) -> SampleOutput:
+        """Samples config.group_size responses for every prompt (token id lists, unpadded).
+
+        max_new_tokens: optional per-row budgets (num_prompts * group_size ints in [1, config.max_new_tokens],
+        prompt-major); a row stops at its own budget. Responses are always config.max_new_tokens columns wide.
+        """
         prompts = self._validate(prompt_ids, config)
+        budgets = self._row_budgets(max_new_tokens, len(prompts), config)
         key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
         stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
         spec = DecodeSpec(max_new_tokens=config.max_new_tokens, group_size=config.group_size, greedy=config.greedy,
                           top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
                           ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
                           pad_id=self.pad_id, cache_dtype=self.cache_dtype, prefill_chunk=config.prefill_chunk)
-        multiple = self.sharding.data_parallel_size if self.sharding else 1
         temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
-        chunk = config.prompts_per_batch
+        width = self._width(prompts, config)
+        if self.engine == "static":
+            got = self._generate_static(prompts, budgets, config, spec, key, temperature, top_p)
+        else:
+            slots = self._continuous.slot_count(self.slots or config.prompts_per_batch * config.group_size,
+                                                len(budgets), config.group_size)
+            got = self._continuous.run(self._state, prompts, width, budgets, key, temperature, top_p, spec, slots,
+                                       self.refill_prompts)
+        return self._assemble(prompts, width, got, config)
+
+    def _width(self, prompts: Sequence[np.ndarray], config: SamplingConfig) -> int:
+        """The padded prompt length of a group of prompts (its longest prompt's bucket)."""
+        width = prompt_length_bucket(max(p.size for p in prompts), config)
+        if config.prefill_chunk is not None and width > config.prefill_chunk and width % config.prefill_chunk:
+            raise ValueError(f"prompt length bucket {width} is not a multiple of SamplingConfig.prefill_chunk "
+                             f"({config.prefill_chunk}); change the buckets or the chunk")
+        return width
+
+    @staticmethod
+    def _row_budgets(max_new_tokens: Optional[Sequence[int]], num_prompts: int, config: SamplingConfig
+                     ) -> np.ndarray:
+        rows = num_prompts * config.group_size
+        if max_new_tokens is None:
+            return np.full((rows,), config.max_new_tokens, np.int32)
+        budgets = np.asarray(max_new_tokens)
+        if budgets.shape != (rows,) or not np.issubdtype(budgets.dtype, np.integer):
+            raise ValueError(f"max_new_tokens must hold one integer per row (num_prompts * group_size = {rows}), got "
+                             f"shape {budgets.shape} dtype {budgets.dtype}")
+        bad = np.flatnonzero((budgets < 1) | (budgets > config.max_new_tokens))
+        if bad.size:
+            raise ValueError(f"max_new_tokens[{bad[0]}] = {budgets[bad[0]]} is outside [1, "
+                             f"SamplingConfig.max_new_tokens = {config.max_new_tokens}]")
+        return budgets.astype(np.int32)
+
+    def _generate_static(self, prompts: list[np.ndarray], budgets: np.ndarray, config: SamplingConfig,
+                         spec: DecodeSpec, key: jax.Array, temperature: np.float32, top_p: np.float32
+                         ) -> dict[str, np.ndarray]:
+        """The static engine: chunks of prompts_per_batch prompts, each decoded until its longest row stops. All
+        chunks are dispatched before any result is fetched."""
+        multiple = self.sharding.data_parallel_size if self.sharding else 1
+        n, chunk = config.group_size, config.prompts_per_batch
         pending = []
         for start in range(0, len(prompts), chunk):
             group = prompts[start:start + chunk]
-            width = prompt_length_bucket(max(p.size for p in group), config)
-            if config.prefill_chunk is not None and width > config.prefill_chunk and width % config.prefill_chunk:
-                raise ValueError(f"prompt length bucket {width} is not a multiple of SamplingConfig.prefill_chunk "
-                                 f"({config.prefill_chunk}); change the buckets or the chunk")
+            width = self._width(group, config)
             batch = batch_bucket(len(group), config, multiple)
             ids = np.full((batch, width), self.pad_id, np.int32)
             seg = np.zeros((batch, width), np.int32)
@@ -219,27 +275,25 @@ class Sampler:
                 ids[row, width - p.size:] = p
                 seg[row, width - p.size:] = 1
             index = np.arange(start, start + batch, dtype=np.int32)
-            out = self._generate(self._state, self._place(ids), self._place(seg), self._place(index), key,
-                                 temperature, top_p, spec=spec)
-            pending.append((group, width, out))
-        return self._collect(pending, config, stop_ids)
-
-    def _collect(self, pending: list, config: SamplingConfig, stop_ids: tuple[int, ...]) -> SampleOutput:
-        n = config.group_size
-        width = max(w for _, w, _ in pending)
+            row_budgets = np.full((batch * n,), config.max_new_tokens, np.int32)
+            row_budgets[:len(group) * n] = budgets[start * n:(start + len(group)) * n]
+            out = self._generate(self._state, self._place(ids), self._place(seg), self._place(index),
+                                 self._place(row_budgets), key, temperature, top_p, spec=spec)
+            pending.append((len(group) * n, out))
         parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-        prompt_rows = []
-        for group, _, out in pending:
-            real = len(group) * n
+        for real, out in pending:
             for name, value in out.items():
-                parts[name].append(_to_numpy(value)[:real])
-            prompt_rows.extend(group)
-        prompt_ids = np.full((len(prompt_rows), width), self.pad_id, np.int32)
-        prompt_mask = np.zeros((len(prompt_rows), width), np.int32)
-        for i, p in enumerate(prompt_rows):
+                parts[name].append(to_numpy(value)[:real])
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+    def _assemble(self, prompts: list[np.ndarray], width: int, got: dict[str, np.ndarray], config: SamplingConfig
+                  ) -> SampleOutput:
+        n = config.group_size
+        prompt_ids = np.full((len(prompts), width), self.pad_id, np.int32)
+        prompt_mask = np.zeros((len(prompts), width), np.int32)
+        for i, p in enumerate(prompts):
             prompt_ids[i, width - p.size:] = p
             prompt_mask[i, width - p.size:] = 1
-        got = {name: np.concatenate(values) for name, values in parts.items()}
         lengths = got["lengths"].astype(np.int32)
         budget = config.max_new_tokens
         response_mask = (np.arange(budget)[None, :] < lengths[:, None]).astype(np.int32)

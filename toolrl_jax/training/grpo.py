@@ -41,7 +41,7 @@ from toolrl_jax.rewards.config import RewardConfig
 from toolrl_jax.rewards.functions import CombinedReward, RewardResult
 from toolrl_jax.rl.ppo import PolicyLossConfig
 from toolrl_jax.sampling.config import SamplingConfig
-from toolrl_jax.sampling.sampler import SampleOutput, Sampler
+from toolrl_jax.sampling.sampler import ENGINES, SampleOutput, Sampler
 from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn
 from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.dynamic_sampling import DynamicBatch, sample_informative_groups
@@ -118,6 +118,13 @@ class GRPOConfig:
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     reward: RewardConfig = RewardConfig()
+    rollout_engine: str = option(
+        "continuous", "How rollouts decode: continuous (a fixed set of decode slots refilled from a queue as rows "
+                      "stop) or static (chunks of prompts decoded until their longest row stops). Same tokens for "
+                      "the same key.", choices=("continuous", "static"))
+    rollout_slots: Optional[int] = option(
+        None, "Decode slots of the continuous engine (KV memory = slots x (prompt bucket + response budget) "
+              "tokens; 0 = min(64, prompts_per_step) x group_size, one static chunk's rows).", zero_is_none=True)
     prompt_length_buckets: Optional[tuple[int, ...]] = option(
         None, "Padded rollout prompt lengths, e.g. 256,320 (default: powers of two). Each distinct length compiles "
               "the sampler's prefill, the log-prob pass and the update once.")
@@ -155,6 +162,9 @@ class GRPOConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
+        need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {ENGINES}, got {self.rollout_engine!r}")
+        need(self.rollout_slots is None or (isinstance(self.rollout_slots, int) and self.rollout_slots >= 1),
+             f"rollout_slots must be an integer >= 1 or None, got {self.rollout_slots!r}")
         need(self.train_last_layers >= 0, f"train_last_layers must be >= 0, got {self.train_last_layers}")
         need(not (self.train_last_layers and self.trainable_regex),
              "set train_last_layers or trainable_regex, not both")
@@ -332,7 +342,7 @@ class GRPOTrainer:
             ref_dtype = jnp.dtype(model.config.dtype) if config.reference_in_compute_dtype else None
             self.ref_params = cast_floating(params, ref_dtype, copy=True)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer,
-                               mesh=placement.mesh)
+                               mesh=placement.mesh, engine=config.rollout_engine, slots=config.rollout_slots)
         self.critic = None
         if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
             self.critic = Critic(model, config.critic, trainable_regex=trainable, placement=placement,
