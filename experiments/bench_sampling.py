@@ -78,6 +78,9 @@ _LENGTH_MEAN = flags.DEFINE_float("length_mean", 370.0, "long_tail, lognormal: m
 _LENGTH_SIGMA = flags.DEFINE_float("length_sigma", 0.35, "long_tail, lognormal: standard deviation of log length.")
 _ENGINES = flags.DEFINE_list("engines", ["continuous", "static_slots", "static_all", "hf"],
                             "long_tail: what to measure (continuous, static_slots, static_all, hf).")
+_MODEL_SLOTS = flags.DEFINE_list("schedule_slots", ["16", "64", "256"], "long_tail: slot counts of the schedule "
+                                 "model (row-steps of both engines, replayed on --schedule_rows lengths).")
+_MODEL_ROWS = flags.DEFINE_integer("schedule_rows", 2048, "long_tail: rows of the schedule model (ToolRL: 512 x 4).")
 # Internal: how the parent process hands work to its workers.
 _WORKER = flags.DEFINE_enum("worker", None, ["init", "jax", "hf", "tail"], "Internal: run one measurement and exit.")
 _WORKER_ENGINE = flags.DEFINE_string("worker_engine", None, "Internal: the long_tail engine a worker measures.")
@@ -265,6 +268,20 @@ def _tail_workload():
     return prompts, lengths
 
 
+def schedule_model(lengths, group: int, slots: int) -> dict[str, float]:
+    """Row-steps per useful token of both engines for rows of these lengths at `slots` rows of KV cache: the static
+    engine in batches of `slots` rows (each runs to its longest row), the continuous one by replaying its refill
+    policy (`scheduler.simulate_continuous`: every decode step computes every slot, first tokens come from the
+    prefill). At equal cost per row-step, their ratio is the continuous engine's speedup."""
+    from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
+
+    useful = int(sum(lengths))
+    continuous = simulate_continuous(lengths, RefillPolicy(slots, group))[1] + len(lengths)
+    static = _row_steps_static(lengths, slots)
+    return {"slots": slots, "continuous": continuous / useful, "static": static / useful,
+            "speedup": static / continuous}
+
+
 def _row_steps_static(lengths, rows_per_batch: int) -> int:
     """Rows x steps a static engine computes: each batch runs as many steps as its longest row."""
     return sum(rows_per_batch * max(lengths[i:i + rows_per_batch]) for i in range(0, len(lengths), rows_per_batch))
@@ -316,7 +333,10 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     useful = int(lengths.sum())
     if engine == "continuous":
         stats = sampler._continuous.last_stats
-        row_steps, cached_rows = stats.decode_steps * stats.slots + len(lengths), stats.slots
+        row_steps, cached_rows = stats.row_steps + len(lengths), stats.slots
+        from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
+        if simulate_continuous(lengths, RefillPolicy(stats.slots, n)) != (stats.decode_steps, stats.row_steps):
+            raise RuntimeError("the schedule model's decode steps differ from the engine's")
     else:
         row_steps, cached_rows = _row_steps_static(lengths, per_batch * n), per_batch * n
     peak, kind = _peak()
@@ -434,11 +454,14 @@ def _parent_tail() -> None:
     if "continuous" in by_impl:
         for r in rows:
             r["continuous_speedup"] = by_impl["continuous"]["useful_tokens_per_s"] / r["useful_tokens_per_s"]
+    model_lengths = tail_lengths(_MODEL_ROWS.value, _NEW.value, _LENGTH_DIST.value, _LENGTH_MEAN.value,
+                                 _LENGTH_SIGMA.value, _SEED.value)
+    schedule = [schedule_model(model_lengths, _GROUP.value, int(slots)) for slots in _MODEL_SLOTS.value]
     report = {"workload": "long_tail", "model": _MODEL.value, "num_params": init["num_params"], "dtype": _DTYPE.value,
               "device": init["device"], "rows": _ROWS.value, "group_size": _GROUP.value, "slots": _SLOTS.value,
               "prompt_len": _PROMPT.value, "max_new_tokens": _NEW.value, "length_dist": _LENGTH_DIST.value,
               "length_mean": float(lengths.mean()), "length_max": int(lengths.max()),
-              "temperature": _TEMP.value, "results": rows}
+              "temperature": _TEMP.value, "results": rows, "schedule_model": schedule}
     print(f"\nmodel {_MODEL.value} ({init['num_params'] / 1e9:.3f} B params, {_DTYPE.value}) on {init['device']}; "
           f"{_ROWS.value} rows ({_GROUP.value} per prompt) of prompt {_PROMPT.value} + lengths from "
           f"{_LENGTH_DIST.value} (mean {lengths.mean():.0f}, max {lengths.max()}, budget {_NEW.value}); "
@@ -447,6 +470,11 @@ def _parent_tail() -> None:
     for r in rows:
         if r["impl"] != "continuous" and "continuous_speedup" in r:
             print(f"continuous engine: {r['continuous_speedup']:.2f}x the useful tokens/s of {r['impl']}")
+    print(f"\nschedule model, {_MODEL_ROWS.value} rows of the same distribution (row-steps per useful token; the "
+          "static engine in batches of the slot count):\n")
+    print("| slots | continuous | static | static / continuous |\n|---|---|---|---|")
+    for m in schedule:
+        print(f"| {m['slots']} | {m['continuous']:.2f} | {m['static']:.2f} | {m['speedup']:.2f} |")
     if _JSON.value:
         Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
         Path(_JSON.value).write_text(json.dumps(report, indent=2))

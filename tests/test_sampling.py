@@ -215,7 +215,8 @@ def test_decode_loop_updates_the_kv_cache_in_place(greedy_setup):
     _, sampler, _ = greedy_setup
     (shape, spec), = [k for k in sampler.traces if k[1].greedy and k[1].max_new_tokens == 8 and k[0] == (4, 32)]
     ids = np.zeros(shape, np.int32)
-    hlo = sampler._generate.lower(sampler._state, ids, ids, np.arange(4, dtype=np.int32), np.full(4, 8, np.int32),
+    hlo = sampler._generate.lower(sampler._state, ids, ids, np.arange(4, dtype=np.int32), np.zeros(4, np.int32),
+                                  np.full(4, 8, np.int32),
                                   jax.random.key(0),
                                   np.float32(0), np.float32(1), spec=spec).compile().as_text()
     cache_shape = "f32[4,40,2,8]"  # [rows, prompt bucket + budget, kv heads, head dim]

@@ -102,7 +102,8 @@ def test_groups_prefill_each_prompt_once_and_memory_is_bounded_by_slots(engines)
     continuous.generate(PROMPTS, cfg, 3)
     assert continuous.compile_count == before
     specs = [sig for sig in continuous.traces if sig[-1].decode.group_size == 2]
-    assert {sig[-1].slots for sig in specs} == {4} and {sig[-1].cache_len for sig in specs} == {32 + BUDGET}
+    # 4 slots, and the drain's halvings (2, 1: rows still running when the queue is empty move to fewer slots)
+    assert {sig[-1].slots for sig in specs} == {4, 2, 1} and {sig[-1].cache_len for sig in specs} == {32 + BUDGET}
     assert {sig[1][0] for sig in specs if sig[0] == "insert"} == {2, 1}  # first fill 2 prompts, refills 1
 
 
@@ -110,7 +111,9 @@ def test_decode_loop_updates_the_slot_cache_in_place(engines):
     """The compiled decode is one while loop and never copies a KV-cache buffer; the insert writes in place too."""
     _, _, continuous = engines
     engine = continuous._continuous
-    (sig, spec), = [(s, s[-1]) for s in continuous.traces if s[0] == "decode" and s[-1].decode.greedy]
+    continuous.generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=BUDGET), 0)
+    (sig, spec), = [(s, s[-1]) for s in continuous.traces
+                    if s[0] == "decode" and s[-1].decode.greedy and s[-1].slots == 4]
     state = engine._init(spec=spec)
     hlo = engine._decode.lower(continuous._state, state, np.int32(4), np.float32(0), np.float32(1),
                                spec=spec).compile().as_text()
@@ -132,3 +135,19 @@ def test_bad_engine_settings_and_budgets_give_clear_errors(engines):
         static.generate(PROMPTS[:2], cfg, 0, max_new_tokens=[4])
     with pytest.raises(ValueError, match=r"max_new_tokens\[1\] = 5 is outside \[1, "):
         static.generate(PROMPTS[:2], cfg, 0, max_new_tokens=[4, 5])
+
+
+def test_the_schedule_model_replays_the_engine_and_the_drain_compacts(engines):
+    """With forced lengths, `simulate_continuous` (the benchmark's schedule model) predicts the engine's decode steps
+    and row-steps exactly; once the queue is empty the running rows move to fewer slots (row-steps < steps x 4)."""
+    from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
+
+    _, _, continuous = engines
+    cfg = SamplingConfig(temperature=1.0, group_size=2, max_new_tokens=BUDGET, ignore_stop=True)
+    budgets = np.random.default_rng(4).integers(1, BUDGET + 1, size=len(PROMPTS) * 2)
+    out = continuous.generate(PROMPTS, cfg, jax.random.key(1), max_new_tokens=budgets)
+    np.testing.assert_array_equal(out.lengths, budgets)
+    stats = continuous._continuous.last_stats
+    assert simulate_continuous(budgets, RefillPolicy(4, 2, refill_prompts=1)) == (stats.decode_steps,
+                                                                                  stats.row_steps)
+    assert stats.compactions == 2 and stats.row_steps < stats.decode_steps * 4

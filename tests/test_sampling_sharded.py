@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent("""
     assert {sig[0] for sig in sharded.traces} == {(8, 32)}, sharded.traces
     ids = np.zeros((8, 32), np.int32); seg = np.ones((8, 32), np.int32)
     out = sharded._generate(sharded._state, sharded._place(ids), sharded._place(seg),
-                            sharded._place(np.arange(8, dtype=np.int32)), sharded._place(np.full(8, 6, np.int32)),
+                            sharded._place(np.arange(8, dtype=np.int32)), sharded._place(np.zeros(8, np.int32)),
+                            sharded._place(np.full(8, 6, np.int32)),
                             jax.random.key(0), np.float32(0),
                             np.float32(1), spec=next(iter(sharded.traces))[1])
     assert out["tokens"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2), \\

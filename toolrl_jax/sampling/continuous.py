@@ -78,25 +78,28 @@ def _stops(spec: DecodeSpec, tokens: jax.Array) -> jax.Array:
 
 
 def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_ids: jax.Array,
-           prompt_segments: jax.Array, prompt_index: jax.Array, slot_ids: jax.Array, budgets: jax.Array,
+           prompt_segments: jax.Array, prompt_index: jax.Array, sample_index: jax.Array, slot_ids: jax.Array,
+           budgets: jax.Array,
            key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, spec: SlotSpec,
            sharding: Optional[BatchSharding] = None, on_trace: Optional[Callable[[tuple], None]] = None
            ) -> SlotState:
     """Starts k prompts x n samples in the slots `slot_ids`.
 
     prompt_ids/prompt_segments: [k, P] left-padded (segment 0 = padding; an all-padding row is a dummy);
-    prompt_index: [k] global prompt numbers (they seed the row keys); slot_ids: [k*n] the slot of each (prompt,
-    sample) row, prompt-major, with S (out of range) for rows to drop; budgets: [k*n] each row's token budget.
+    prompt_index: [k] global prompt numbers and sample_index: [k*n] sample numbers (they seed the row keys);
+    slot_ids: [k*n] the slot of each (prompt, sample) row, prompt-major, with S (out of range) for rows to drop;
+    budgets: [k*n] each row's token budget.
     Every prompt is prefilled once; its KV rows are copied into its samples' slots so that the prompt ends at the
     ring's write index, and each row's first token is chosen from the prompt's last logits.
     """
     if on_trace is not None:
         on_trace(("insert", prompt_ids.shape, spec))
-    chex.assert_rank([prompt_ids, prompt_segments, prompt_index, slot_ids, budgets], [2, 2, 1, 1, 1])
+    chex.assert_rank([prompt_ids, prompt_segments, prompt_index, sample_index, slot_ids, budgets],
+                     [2, 2, 1, 1, 1, 1])
     chex.assert_equal_shape([prompt_ids, prompt_segments])
     d = spec.decode
     n, (k, width) = d.group_size, prompt_ids.shape
-    chex.assert_shape([slot_ids, budgets], (k * n,))
+    chex.assert_shape([slot_ids, budgets, sample_index], (k * n,))
     model: CausalLM = nnx.merge(graphdef, state)
     prompt_segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
     small = _constrain_cache(init_cache(model.config, k, width, d.cache_dtype), sharding)
@@ -104,7 +107,7 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
                                  d.prefill_chunk)
     source = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n)  # the prompt of every (prompt, sample) row
     logits = model.logits_from_hidden(last_hidden)[source]
-    key_data = jax.random.key_data(row_keys(key, prompt_index, n))
+    key_data = jax.random.key_data(row_keys(key, prompt_index, sample_index))
     choice = _choose(d, logits, key_data, jnp.zeros((k * n,), jnp.int32), temperature, top_p)
     stopped = _stops(d, choice.tokens)
 
@@ -144,6 +147,23 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
     if d.tempered_logprobs:
         put("tempered_logprobs", first_column(choice.tempered_logprobs, 0.0))
     return out
+
+
+def compact(slots: SlotState, keep: jax.Array, *, spec: SlotSpec, sharding: Optional[BatchSharding] = None
+            ) -> SlotState:
+    """The slots `keep` [spec.slots] of a larger slot state, in that order: the drain phase's smaller batch.
+
+    Once the queue is empty, finished rows leave idle slots that every decode step would still compute (and whose
+    KV caches it would still read); the host moves the rows still running into a state with half the slots (each
+    size compiles once). Rows keep their caches, steps and keys, and the ring index is shared, so their tokens are
+    unchanged."""
+    chex.assert_shape(keep, (spec.slots,))
+    cache: KVCache = slots["cache"]
+    cache = KVCache(keys=tuple(k[keep] for k in cache.keys), values=tuple(v[keep] for v in cache.values),
+                    segment_ids=cache.segment_ids[keep], index=cache.index, positions=cache.positions[keep])
+    out = {name: value[keep] for name, value in slots.items() if name not in ("cache", "decode_steps")}
+    out = {name: _constrain(value, sharding) for name, value in out.items()}
+    return dict(out, cache=_constrain_cache(cache, sharding), decode_steps=slots["decode_steps"])
 
 
 def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_target: jax.Array,

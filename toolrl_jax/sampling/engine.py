@@ -86,16 +86,17 @@ def expand_cache(cache: KVCache, group_size: int, extra_slots: int) -> KVCache:
                    segment_ids=grow(cache.segment_ids), index=cache.index, positions=grow(cache.positions))
 
 
-def row_keys(key: jax.Array, prompt_index: jax.Array, group_size: int) -> jax.Array:
-    """One key per output row, derived from (call key, global prompt index, sample number).
+def row_keys(key: jax.Array, prompt_index: jax.Array, sample_index: jax.Array) -> jax.Array:
+    """One key per output row, derived from (call key, global prompt number, sample number).
 
-    Rows therefore draw independent streams, and a row's samples do not depend on how prompts were chunked,
-    padded or bucketed.
+    prompt_index: [B] prompt numbers; sample_index: [B*n] each row's sample number (prompt-major rows). Rows therefore
+    draw independent streams, and a row's samples do not depend on how prompts were chunked, padded, bucketed or
+    placed in decode slots.
     """
-    sample = jnp.tile(jnp.arange(group_size, dtype=jnp.int32), prompt_index.shape[0])
-    prompt = jnp.repeat(prompt_index.astype(jnp.int32), group_size)
+    n = sample_index.shape[0] // prompt_index.shape[0]
+    prompt = jnp.repeat(prompt_index.astype(jnp.int32), n)
     per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, prompt)
-    return jax.vmap(jax.random.fold_in)(per_prompt, sample)
+    return jax.vmap(jax.random.fold_in)(per_prompt, sample_index.astype(jnp.int32))
 
 
 def prefill(model: CausalLM, prompt_ids: jax.Array, prompt_segments: jax.Array, cache: KVCache,
@@ -128,14 +129,16 @@ def prefill(model: CausalLM, prompt_ids: jax.Array, prompt_segments: jax.Array, 
 
 
 def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_segments: jax.Array,
-                    prompt_index: jax.Array, budgets: jax.Array, key: jax.Array, temperature: jax.Array,
+                    prompt_index: jax.Array, sample_index: jax.Array, budgets: jax.Array, key: jax.Array,
+                    temperature: jax.Array,
                     top_p: jax.Array, *,
                     spec: DecodeSpec, sharding: Optional[BatchSharding] = None,
                     on_trace: Optional[Callable[[tuple], None]] = None) -> dict[str, jax.Array]:
     """Samples `spec.group_size` responses for each of B left-padded prompts.
 
     prompt_ids/prompt_segments: [B, P] int32 (segment 0 = padding, on the left); prompt_index: [B] global prompt
-    numbers (seed the per-row keys); budgets: [B*n] each row's token budget (<= spec.max_new_tokens); key: a PRNG
+    numbers and sample_index: [B*n] each row's sample number (they seed the per-row keys, `row_keys`); budgets: [B*n]
+    each row's token budget (<= spec.max_new_tokens); key: a PRNG
     key. Returns arrays with B*n rows, prompt-major:
     tokens [B*n, R] (pad_id after the stop), logprobs [B*n, R] float32 (0 after the stop), lengths [B*n]
     (generated tokens including the stop token), stopped [B*n] bool, and tempered_logprobs [B*n, R] when
@@ -146,7 +149,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     chex.assert_rank([prompt_ids, prompt_segments, prompt_index], [2, 2, 1])
     chex.assert_equal_shape([prompt_ids, prompt_segments])
     chex.assert_equal(prompt_index.shape[0], prompt_ids.shape[0])
-    chex.assert_shape(budgets, (prompt_ids.shape[0] * spec.group_size,))
+    chex.assert_shape([budgets, sample_index], (prompt_ids.shape[0] * spec.group_size,))
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
     n, budget = spec.group_size, spec.max_new_tokens
@@ -168,7 +171,7 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     if n > 1:
         last_logits = jnp.repeat(last_logits, n, axis=0)
         prompt_lengths = jnp.repeat(prompt_lengths, n)
-    keys = row_keys(key, prompt_index, n)
+    keys = row_keys(key, prompt_index, sample_index)
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
 
     def choose(logits: jax.Array, step: jax.Array):

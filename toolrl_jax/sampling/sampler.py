@@ -43,6 +43,9 @@ class SampleOutput:
     (after temperature/top-k/top-p), when requested; lengths [N] generated tokens including the stop token;
     stopped [N] whether the response ended with a stop token (False = cut at max_new_tokens);
     texts: decoded responses without the stop token (when the Sampler has a tokenizer).
+    response_attention: [N, R] int32 the response's real tokens when they are more than the trained ones (multi-turn
+    trajectories: model tokens in response_mask, tool-result tokens attended to but not trained); None: the same
+    as response_mask.
     """
 
     prompt_ids: np.ndarray
@@ -55,6 +58,7 @@ class SampleOutput:
     group_size: int
     tempered_logprobs: Optional[np.ndarray] = None
     texts: Optional[list[str]] = None
+    response_attention: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -72,7 +76,12 @@ class SampleOutput:
     @property
     def sequence_mask(self) -> np.ndarray:
         """[N, P+R] 1 for every real prompt or response token."""
-        return np.concatenate([self.prompt_mask, self.response_mask], axis=1)
+        return np.concatenate([self.prompt_mask, self.attended], axis=1)
+
+    @property
+    def attended(self) -> np.ndarray:
+        """[N, R] every real response token (tool results included)."""
+        return self.response_mask if self.response_attention is None else self.response_attention
 
 
 class Sampler:
@@ -208,14 +217,19 @@ class Sampler:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array | int,
-                 max_new_tokens: Optional[Sequence[int]] = None) -> SampleOutput:
+                 max_new_tokens: Optional[Sequence[int]] = None, prompt_numbers: Optional[Sequence[int]] = None,
+                 sample_numbers: Optional[Sequence[int]] = None) -> SampleOutput:
         """Samples config.group_size responses for every prompt (token id lists, unpadded).
 
         max_new_tokens: optional per-row budgets (num_prompts * group_size ints in [1, config.max_new_tokens],
         prompt-major); a row stops at its own budget. Responses are always config.max_new_tokens columns wide.
+        prompt_numbers [num_prompts] / sample_numbers [num_prompts * group_size]: what seeds each row's key with
+        the call key (default: the prompt's position and the sample's number in its group). A multi-turn rollout
+        passes each trajectory's (task, sample), so its tokens do not depend on which trajectories share a call.
         """
         prompts = self._validate(prompt_ids, config)
         budgets = self._row_budgets(max_new_tokens, len(prompts), config)
+        numbers = self._row_numbers(prompt_numbers, sample_numbers, len(prompts), config.group_size)
         key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
         stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
         spec = DecodeSpec(max_new_tokens=config.max_new_tokens, group_size=config.group_size, greedy=config.greedy,
@@ -225,12 +239,12 @@ class Sampler:
         temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
         width = self._width(prompts, config)
         if self.engine == "static":
-            got = self._generate_static(prompts, budgets, config, spec, key, temperature, top_p)
+            got = self._generate_static(prompts, budgets, numbers, config, spec, key, temperature, top_p)
         else:
             slots = self._continuous.slot_count(self.slots or config.prompts_per_batch * config.group_size,
                                                 len(budgets), config.group_size)
-            got = self._continuous.run(self._state, prompts, width, budgets, key, temperature, top_p, spec, slots,
-                                       self.refill_prompts)
+            got = self._continuous.run(self._state, prompts, width, budgets, numbers, key, temperature, top_p, spec,
+                                       slots, self.refill_prompts)
         return self._assemble(prompts, width, got, config)
 
     def _width(self, prompts: Sequence[np.ndarray], config: SamplingConfig) -> int:
@@ -257,9 +271,22 @@ class Sampler:
                              f"SamplingConfig.max_new_tokens = {config.max_new_tokens}]")
         return budgets.astype(np.int32)
 
-    def _generate_static(self, prompts: list[np.ndarray], budgets: np.ndarray, config: SamplingConfig,
-                         spec: DecodeSpec, key: jax.Array, temperature: np.float32, top_p: np.float32
-                         ) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _row_numbers(prompt_numbers: Optional[Sequence[int]], sample_numbers: Optional[Sequence[int]],
+                     num_prompts: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+        prompts = np.arange(num_prompts) if prompt_numbers is None else np.asarray(prompt_numbers)
+        samples = np.tile(np.arange(group_size), num_prompts) if sample_numbers is None else np.asarray(sample_numbers)
+        for name, value, size in (("prompt_numbers", prompts, num_prompts),
+                                  ("sample_numbers", samples, num_prompts * group_size)):
+            if value.shape != (size,) or not np.issubdtype(value.dtype, np.integer) or (value < 0).any() \
+                    or (value >= 2 ** 31).any():
+                raise ValueError(f"{name} must hold {size} non-negative int32 values, got shape {value.shape} "
+                                 f"dtype {value.dtype}")
+        return prompts.astype(np.int32), samples.astype(np.int32)
+
+    def _generate_static(self, prompts: list[np.ndarray], budgets: np.ndarray, numbers: tuple[np.ndarray, np.ndarray],
+                         config: SamplingConfig, spec: DecodeSpec, key: jax.Array, temperature: np.float32,
+                         top_p: np.float32) -> dict[str, np.ndarray]:
         """The static engine: chunks of prompts_per_batch prompts, each decoded until its longest row stops. All
         chunks are dispatched before any result is fetched."""
         multiple = self.sharding.data_parallel_size if self.sharding else 1
@@ -274,11 +301,15 @@ class Sampler:
             for row, p in enumerate(group):
                 ids[row, width - p.size:] = p
                 seg[row, width - p.size:] = 1
-            index = np.arange(start, start + batch, dtype=np.int32)
+            real = slice(start * n, (start + len(group)) * n)
+            index = np.arange(start, start + batch, dtype=np.int32)  # dummy prompts: any number
+            index[:len(group)] = numbers[0][start:start + len(group)]
+            samples = np.tile(np.arange(n, dtype=np.int32), batch)
+            samples[:len(group) * n] = numbers[1][real]
             row_budgets = np.full((batch * n,), config.max_new_tokens, np.int32)
-            row_budgets[:len(group) * n] = budgets[start * n:(start + len(group)) * n]
+            row_budgets[:len(group) * n] = budgets[real]
             out = self._generate(self._state, self._place(ids), self._place(seg), self._place(index),
-                                 self._place(row_budgets), key, temperature, top_p, spec=spec)
+                                 self._place(samples), self._place(row_budgets), key, temperature, top_p, spec=spec)
             pending.append((len(group) * n, out))
         parts: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         for real, out in pending:

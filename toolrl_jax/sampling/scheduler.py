@@ -36,13 +36,117 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class RefillPolicy:
+    """When the continuous engine inserts prompts and how many: its scheduling decisions, kept apart from the
+    kernels so that `experiments/bench_sampling.py` can replay them (`simulate_continuous`).
+
+    The first insert fills the slots (a power of two of the prompts, up to slots // group_size); afterwards prompts
+    are inserted `refill` at a time (default an eighth of the slots' prompts, at least one), padded to a multiple of
+    the data-parallel size, and decode runs until that many groups of slots are free. Once the queue is empty the
+    engine drains: whenever at most half of the current slots still run, they move into a state of half the size
+    (`continuous.compact`), down to `min_slots`, so the last, longest rows do not drag idle slots along."""
+
+    slots: int
+    group_size: int
+    refill_prompts: Optional[int] = None
+    multiple: int = 1
+
+    @property
+    def min_slots(self) -> int:
+        """The smallest drain state (each halving compiles one more decode)."""
+        return _round_up(max(1, self.slots // 8), self.multiple)
+
+    def can_halve(self, current: int) -> bool:
+        half = current // 2
+        return half >= self.min_slots and half % self.multiple == 0
+
+    def drain_size(self, current: int, running: int) -> int:
+        """The slot count a drain continues with: half of `current` when at most half of it still runs (one level
+        at a time, and walking down every level even when nothing runs, so every call of a given shape compiles the
+        same programs), else `current`."""
+        return current // 2 if self.can_halve(current) and running <= current // 2 else current
+
+    def drain_target(self, current: int) -> int:
+        """Free slots a drain's decode runs until: half of them (time to compact), or all at the smallest size."""
+        return current - current // 2 if self.can_halve(current) else current
+
+    @property
+    def per_fill(self) -> int:
+        """Prompts whose groups fit in the slots at once."""
+        return max(1, self.slots // self.group_size)
+
+    @property
+    def refill(self) -> int:
+        return max(1, min(self.per_fill, self.refill_prompts or max(1, self.per_fill // 8)))
+
+    def insert_size(self, num_prompts: int, first: bool) -> int:
+        """The padded prompt count of an insert (a compiled shape)."""
+        if first:
+            return _round_up(min(next_power_of_two(min(num_prompts, self.per_fill)), self.per_fill), self.multiple)
+        return _round_up(self.refill, self.multiple)
+
+    def insert_count(self, num_prompts: int, queued: int, free_slots: int, first: bool) -> int:
+        """How many queued prompts to insert now (0: decode first)."""
+        count = min(queued, self.insert_size(num_prompts, first), free_slots // self.group_size)
+        if count == 0 or (not first and count < min(queued, self.refill)):
+            return 0
+        return count
+
+    def free_target(self, queued: int) -> int:
+        """Free slots the next decode call runs until, while prompts are queued."""
+        return self.group_size * min(queued, self.refill)
+
+
+def simulate_continuous(lengths: Sequence[int], policy: RefillPolicy) -> tuple[int, int]:
+    """(decode steps, row-steps: slots computed summed over steps) the continuous engine runs for rows of these
+    lengths (prompt-major, group_size per prompt, forced lengths: no stop tokens), by its own `RefillPolicy`."""
+    n = policy.group_size
+    num_prompts = len(lengths) // n
+    queue = collections.deque(range(num_prompts))
+    remaining = np.zeros(policy.slots, np.int64)  # tokens a slot's row still has to make (0: inactive)
+    occupied = np.zeros(policy.slots, bool)
+    steps = row_steps = 0
+    first = True
+    while True:
+        while queue:
+            count = policy.insert_count(num_prompts, len(queue), int((~occupied).sum()), first)
+            if not count:
+                break
+            free = np.flatnonzero(~occupied)
+            for j in range(count):
+                p = queue.popleft()
+                for s in range(n):
+                    slot = free[j * n + s]
+                    occupied[slot], remaining[slot] = True, lengths[p * n + s] - 1  # the first token: prefill
+            first = False
+        if queue:
+            target = policy.free_target(len(queue))
+        else:
+            size = policy.drain_size(remaining.size, int(occupied.sum()))
+            if size < remaining.size:
+                keep = np.argsort(~occupied, kind="stable")[:size]  # running slots first
+                remaining, occupied = remaining[keep], occupied[keep]
+            elif not occupied.any():
+                return steps, row_steps
+            target = policy.drain_target(remaining.size)
+        while (remaining == 0).sum() < target and (remaining > 0).any():
+            remaining = np.maximum(remaining - 1, 0)
+            steps += 1
+            row_steps += remaining.size
+        occupied &= remaining > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """What one continuous call did: decode steps (each computes every slot), inserts, decode calls, slots."""
+    """What one continuous call did: decode steps, inserts, decode calls, slots (at the start), row-steps, drain
+    compactions."""
 
     decode_steps: int
     inserts: int
     decode_calls: int
     slots: int
+    row_steps: int  # slots computed, summed over decode steps (fewer than decode_steps x slots once drained)
+    compactions: int
 
 
 class ContinuousEngine:
@@ -63,7 +167,15 @@ class ContinuousEngine:
                                static_argnames=("spec",), donate_argnames=("slots",))
         self._decode = jax.jit(functools.partial(continuous.decode, graphdef, sharding=sharding, on_trace=on_trace),
                                static_argnames=("spec",), donate_argnames=("slots",))
+        self._compact = jax.jit(functools.partial(continuous.compact, sharding=sharding), static_argnames=("spec",),
+                                donate_argnames=("slots",))
         self.last_stats: Optional[EngineStats] = None
+
+    def _replicated(self, array: np.ndarray) -> jax.Array:
+        """A small index array every device holds whole (gathers along a sharded slot axis)."""
+        if self._sharding is None:
+            return jax.numpy.asarray(array)
+        return jax.device_put(array, jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec()))
 
     def slot_count(self, requested: int, rows: int, group_size: int) -> int:
         """Slots for a call of `rows` rows: `requested` (at least one group), or fewer when the call is smaller
@@ -72,17 +184,16 @@ class ContinuousEngine:
         return _round_up(max(slots, group_size), self._multiple)
 
     def run(self, params: nnx.State, prompts: Sequence[np.ndarray], width: int, budgets: np.ndarray,
-            key: jax.Array, temperature: np.float32, top_p: np.float32, spec: DecodeSpec, slots: int,
-            refill_prompts: Optional[int]) -> dict[str, np.ndarray]:
+            numbers: tuple[np.ndarray, np.ndarray], key: jax.Array, temperature: np.float32, top_p: np.float32,
+            spec: DecodeSpec, slots: int, refill_prompts: Optional[int]) -> dict[str, np.ndarray]:
         """Generates every row; returns numpy arrays with len(prompts) * group_size rows, prompt-major: tokens,
-        logprobs (and tempered_logprobs) [N, R], lengths [N], stopped [N]."""
+        logprobs (and tempered_logprobs) [N, R], lengths [N], stopped [N]. numbers: (prompt numbers [P], sample
+        numbers [N]) that seed the row keys."""
+        prompt_numbers, sample_numbers = numbers
         n, budget = spec.group_size, spec.max_new_tokens
         rows = len(prompts) * n
         slot_spec = continuous.SlotSpec(decode=spec, slots=slots, cache_len=width + budget)
-        per_fill = max(1, slots // n)  # prompts that fit in the slots at once
-        refill = max(1, min(per_fill, refill_prompts or max(1, per_fill // 8)))
-        first_size = _round_up(min(next_power_of_two(min(len(prompts), per_fill)), per_fill), self._multiple)
-        refill_size = _round_up(refill, self._multiple)
+        policy = RefillPolicy(slots, n, refill_prompts, self._multiple)
 
         names = ["tokens", "logprobs"] + (["tempered_logprobs"] if spec.tempered_logprobs else [])
         out = {name: np.zeros((rows, budget), np.float32) for name in names}
@@ -102,41 +213,55 @@ class ContinuousEngine:
             ids = np.zeros((size, width), np.int32)
             seg = np.zeros((size, width), np.int32)
             index = np.zeros((size,), np.int32)
+            samples = np.zeros((size * n,), np.int32)
             slot_ids = np.full((size * n,), slots, np.int32)
             row_budgets = np.ones((size * n,), np.int32)
             for j, p in enumerate(chosen):
                 prompt = prompts[p]
                 ids[j, width - prompt.size:] = prompt
                 seg[j, width - prompt.size:] = 1
-                index[j] = p
+                index[j] = prompt_numbers[p]
                 for s in range(n):
                     slot = free[j * n + s]
                     slot_ids[j * n + s] = slot
                     row_budgets[j * n + s] = budgets[p * n + s]
+                    samples[j * n + s] = sample_numbers[p * n + s]
                     slot_row[slot] = p * n + s
             state = self._insert(params, state, self._place(ids), self._place(seg), self._place(index),
-                                 self._place(slot_ids), self._place(row_budgets), key, temperature, top_p,
-                                 spec=slot_spec)
+                                 self._place(samples), self._place(slot_ids), self._place(row_budgets), key,
+                                 temperature, top_p, spec=slot_spec)
             inserts += 1
 
         first = True
+        row_steps = compactions = steps_before = 0
         while True:
             while queue:
-                free = int(np.sum(slot_row < 0))
-                size = first_size if first else refill_size
-                count = min(len(queue), size, free // n)
-                if count == 0 or (not first and count < min(len(queue), refill)):
+                count = policy.insert_count(len(prompts), len(queue), int(np.sum(slot_row < 0)), first)
+                if not count:
                     break
-                insert(size, count)
+                insert(policy.insert_size(len(prompts), first), count)
                 first = False
-            if not np.any(slot_row >= 0):
-                break
-            target = n * min(len(queue), refill) if queue else slots
+            if queue:
+                target = policy.free_target(len(queue))
+            else:  # draining: move the running rows into a smaller state when at most half of the slots run
+                size = policy.drain_size(slot_row.size, int(np.sum(slot_row >= 0)))
+                if size < slot_row.size:
+                    keep = np.argsort(slot_row < 0, kind="stable")[:size].astype(np.int32)  # running slots first
+                    slot_spec = dataclasses.replace(slot_spec, slots=size)
+                    state = self._compact(state, self._replicated(keep), spec=slot_spec)
+                    slot_row = slot_row[keep]
+                    compactions += 1
+                elif not np.any(slot_row >= 0):
+                    break
+                target = policy.drain_target(slot_row.size)
             state = self._decode(params, state, np.int32(target), temperature, top_p, spec=slot_spec)
             decode_calls += 1
+            steps = int(to_numpy(state["decode_steps"]))
+            row_steps += (steps - steps_before) * slot_row.size
+            steps_before = steps
             self._collect(state, slot_row, out, names)
-        self.last_stats = EngineStats(decode_steps=int(to_numpy(state["decode_steps"])), inserts=inserts,
-                                      decode_calls=decode_calls, slots=slots)
+        self.last_stats = EngineStats(decode_steps=steps_before, inserts=inserts, decode_calls=decode_calls,
+                                      slots=slots, row_steps=row_steps, compactions=compactions)
         return out
 
     @staticmethod
