@@ -679,8 +679,8 @@ def test_registry():
     env = make_environment("synthetic", prompt_style="compact", timeout_s=0.5)
     assert isinstance(env, SyntheticEnvironment) and env.prompt_style == "compact" and env.timeout_s == 0.5
     assert make_environment("synthetic") is not make_environment("synthetic")
-    assert ENVIRONMENT_NAMES == ("none", "synthetic") and set(ENVIRONMENTS) == {"synthetic"}
-    with pytest.raises(ValueError, match=r"unknown environment 'bfcl'; known environments: \['synthetic'\]"):
-        make_environment("bfcl")
+    assert ENVIRONMENT_NAMES == ("none", "synthetic", "bfcl") and set(ENVIRONMENTS) == {"synthetic", "bfcl"}
+    with pytest.raises(ValueError, match=r"unknown environment 'nope'; known environments: \['bfcl', 'synthetic'\]"):
+        make_environment("nope")
     with pytest.raises(ValueError, match="single-turn task"):
         make_environment("none")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from toolrl_jax.environments.bfcl import BfclEnvironment
 from toolrl_jax.environments.calls import (
     TurnParse,
     format_calls,
@@ -38,7 +39,7 @@ from toolrl_jax.environments.synthetic import SyntheticEnvironment, make_tasks
 from toolrl_jax.environments.tasks import read_tasks, write_tasks
 
 NO_ENVIRONMENT = "none"
-ENVIRONMENTS: dict[str, Callable[..., Environment]] = {"synthetic": SyntheticEnvironment}
+ENVIRONMENTS: dict[str, Callable[..., Environment]] = {"synthetic": SyntheticEnvironment, "bfcl": BfclEnvironment}
 ENVIRONMENT_NAMES = (NO_ENVIRONMENT, *ENVIRONMENTS)  # e.g. for a command-line choice
 
 

@@ -89,7 +89,14 @@ class Outcome:
 class Environment(abc.ABC):
     """A per-trajectory environment. Implementations must never raise on model output: every bad call becomes an
     error `ToolResult`, and only the environment's own declared functions ever run (model text is data, never
-    code). `ToolEnvironment` (execution.py) implements `step` with those guarantees for a set of declared tools."""
+    code). `ToolEnvironment` (execution.py) implements `step` with those guarantees for a set of declared tools.
+
+    multi_user_turns: the task has several user turns (BFCL multi-turn). An assistant turn without calls then ends
+    the current user turn: the rollout calls `step([])`, and the Step's `user_messages` (a `bfcl.TurnStep` field)
+    open the next one, or `done` ends the trajectory. False: an answer ends the trajectory.
+    """
+
+    multi_user_turns: bool = False
 
     @abc.abstractmethod
     def reset(self, example: Mapping[str, Any]) -> Reset:

@@ -32,6 +32,7 @@ STATELESS_CLASSES = ("MathAPI",)
 BLOCKED_FUNCTIONS = ("kill", "exit", "quit", "remove", "unlink", "popen", "Popen", "run")
 MAX_STEPS_PER_TURN = 20  # the official inference loop quits an entry after more steps than this in a turn
 INSTALL_HINT = "pip install --no-deps bfcl-eval==2026.3.23"
+EXECUTION_ERROR = "Error during execution: "  # how every failed call's result text starts
 
 
 def api_classes_available() -> tuple[bool, str]:
@@ -61,6 +62,10 @@ def parse_call(text: str) -> tuple[str, list[Any], dict[str, Any]]:
     if any(kw.arg is None for kw in node.keywords):
         raise ValueError(f"**kwargs are not allowed: {text!r}")
     return node.func.id, args, kwargs
+
+
+def _blocked(name: str) -> str:
+    return f"{EXECUTION_ERROR}Function call {name} is not allowed."
 
 
 def _result_text(result: Any) -> str:
@@ -98,18 +103,26 @@ class ApiSession:
     def _execute_one(self, call: str) -> str:
         name = call.split("(")[0].strip()
         if name.split(".")[-1] in BLOCKED_FUNCTIONS:
-            return f"Error during execution: Function call {name.split('.')[-1]} is not allowed."
+            return _blocked(name.split(".")[-1])
         try:
             func_name, args, kwargs = parse_call(call)
         except ValueError as error:
-            return f"Error during execution: {error}"
-        method = self._methods.get(func_name)
+            return f"{EXECUTION_ERROR}{error}"
+        return self.call(func_name, args, kwargs)
+
+    def call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+        """Run one already-parsed call, name(*args, **kwargs), on the public methods of this entry's API instances.
+        Never raises: a blocked or unknown name, bad arguments or a failing method give an error string. Shared by
+        `execute` (call strings) and the training environment (structured calls), so both observe the same text."""
+        if name.split(".")[-1] in BLOCKED_FUNCTIONS:
+            return _blocked(name.split(".")[-1])
+        method = self._methods.get(name)
         if method is None:
-            return f"Error during execution: name '{func_name}' is not defined"
+            return f"{EXECUTION_ERROR}name '{name}' is not defined"
         try:
             return _result_text(method(*args, **kwargs))
         except Exception as error:  # noqa: BLE001 - a failing call is an observation, not a crash
-            return f"Error during execution: {error}"
+            return f"{EXECUTION_ERROR}{error}"
 
     def public_state(self) -> dict[str, dict[str, Any]]:
         return {name: {k: v for k, v in vars(inst).items() if not k.startswith("_")}
@@ -153,15 +166,26 @@ def check_multi_turn(item: BfclItem, model_turns: list[list[list[str]]]) -> Chec
         truth_results = truth.execute(truth_calls)
         if not truth_calls:
             continue  # a turn the model cannot complete (missing function / parameter); not scored
-        if not steps:
-            return CheckResult(False, f"no function call in turn {turn}", "empty_turn")
-        differences = _state_differences(model, truth)
-        if differences:
-            return CheckResult(False, f"API state differs after turn {turn}: {differences}", "state_mismatch")
-        missing = _missing_results(truth_results, all_model_results)
-        if missing:
-            return CheckResult(False, f"execution results missing after turn {turn}: {missing}",
-                               "response_mismatch")
+        result = check_turn(turn, bool(steps), model, truth, truth_results, all_model_results)
+        if not result.valid:
+            return result
+    return CheckResult(True)
+
+
+def check_turn(turn: int, made_calls: bool, model: ApiSession, truth: ApiSession, truth_results: list[str],
+               model_results: list[str]) -> CheckResult:
+    """The official checks at the end of a turn that has ground truth, once both sessions have run it: the model
+    made a call in the turn, the API states are equal, and the turn's ground-truth results all appear (as a
+    multiset) among ``model_results``, the model's results of all turns so far. Shared with the training
+    environment (toolrl_jax.environments.bfcl)."""
+    if not made_calls:
+        return CheckResult(False, f"no function call in turn {turn}", "empty_turn")
+    differences = _state_differences(model, truth)
+    if differences:
+        return CheckResult(False, f"API state differs after turn {turn}: {differences}", "state_mismatch")
+    missing = _missing_results(truth_results, model_results)
+    if missing:
+        return CheckResult(False, f"execution results missing after turn {turn}: {missing}", "response_mismatch")
     return CheckResult(True)
 
 
