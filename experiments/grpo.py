@@ -112,6 +112,39 @@ def validate_flags() -> tuple[GRPOConfig, BatchingConfig, Any, Any]:
     return config, batching, warmup, reward
 
 
+def load_environment_split(config: GRPOConfig) -> tuple[list, list, list]:
+    """(train, validation, warm-up) examples of --environment's tasks: --data=synthetic draws the synthetic
+    environment's train and held-out tasks (--synthetic_train_size / --synthetic_val_size, --seed); otherwise --data
+    and --val_data are task files (JSONL). The warm-up examples are the training tasks' reference turns."""
+    from toolrl_jax.environments import make_tasks, read_tasks
+    from toolrl_jax.training.multiturn import reference_examples, task_examples
+
+    env_kwargs = {"prompt_style": config.env_prompt_style} if config.environment == "synthetic" else {}
+    try:
+        if FLAGS.data == "synthetic":
+            if config.environment != "synthetic":
+                raise app.UsageError(f"--data=synthetic draws synthetic-environment tasks; --environment="
+                                     f"{config.environment} needs --data=TASKS.jsonl")
+            train_tasks = make_tasks("train", FLAGS.synthetic_train_size, seed=FLAGS.seed)
+            val_tasks = make_tasks("heldout", FLAGS.synthetic_val_size, seed=FLAGS.seed)
+        else:
+            train_tasks = read_tasks(FLAGS.data)
+            val_tasks = read_tasks(FLAGS.val_data) if FLAGS.val_data else []
+        if FLAGS.val_size is not None:
+            val_tasks = val_tasks[:FLAGS.val_size]
+        if not train_tasks:
+            raise app.UsageError(f"--data={FLAGS.data} holds no tasks")
+        train = task_examples(train_tasks, config.environment, "train", env_kwargs)
+        val = task_examples(val_tasks, config.environment, "test", env_kwargs)
+        warmup = reference_examples(train_tasks, config.environment, env_kwargs) if FLAGS.sft_warmup_steps else None
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(f"--environment={config.environment}: {e}") from None
+    if FLAGS.sft_warmup_steps and not warmup:
+        raise app.UsageError(f"--sft_warmup_steps: the tasks of --environment={config.environment} have no reference "
+                             "turns to warm up on")
+    return train, val, warmup
+
+
 def warmup_config(config: GRPOConfig):
     """The SFTConfig of the supervised warm-up (--sft_warmup_*)."""
     from toolrl_jax.training.sft import SFTConfig
@@ -138,6 +171,8 @@ def _run_settings(config: GRPOConfig) -> dict:
              "prompts_per_step", "group_size", "prompt_order", "length_group_window", "max_prompt_length",
              "max_response_length", "sft_warmup_steps", "sft_warmup_lr", "sft_warmup_batch_size", "bad_rows")
     settings = {name: getattr(FLAGS, name) for name in names}
+    if config.multiturn:  # what the tasks and their prompts are (recorded only in multi-turn runs)
+        settings.update(environment=config.environment, env_prompt_style=config.env_prompt_style)
     if config.dynamic_sampling:  # its extra rounds draw prompts: how many a step takes (recorded only when on)
         settings["dynamic_sampling_max_rounds"] = config.dynamic_sampling_max_rounds
     return settings
@@ -151,7 +186,11 @@ def main(argv: list[str]) -> None:
     validate_common_flags()
     config, batching, warmup, reward = validate_flags()
     run = run_config_from_flags()
-    train_examples, val_examples = load_split()
+    warmup_examples = None
+    if config.multiturn:
+        train_examples, val_examples, warmup_examples = load_environment_split(config)
+    else:
+        train_examples, val_examples = load_split()
     model_config, _ = locate_model()
     if config.train_last_layers > model_config.num_layers:
         raise app.UsageError(f"--train_last_layers={config.train_last_layers}: the model has "
@@ -165,7 +204,8 @@ def main(argv: list[str]) -> None:
     try:
         run_grpo(ModelSource(model, tokenizer, model_folder), config, run, train=train_examples, val=val_examples,
                  batching=batching, placement=placement, warmup=warmup, reward=reward, reward_pool=reward_pool,
-                 shapes=_shape_settings(model_config, config), settings=_run_settings(config))
+                 shapes=_shape_settings(model_config, config), settings=_run_settings(config),
+                 warmup_examples=warmup_examples)
     except ResumeMismatchError as e:
         raise app.UsageError(str(e)) from None
 

@@ -31,10 +31,8 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return assets.prepare_smollm2(tmp_path_factory.mktemp("toolrl_assets"))
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama model with SmolLM2's vocabulary, saved as a HF folder with SmolLM2's tokenizer files:
-    real chat template and stop tokens, CPU-cheap weights."""
+def _tiny_chat_model(folder: Path, smollm2_dir: Path, **overrides) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary, saved as a HF folder with SmolLM2's tokenizer files."""
     import json
 
     from flax import nnx
@@ -45,11 +43,24 @@ def tiny_chat_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
     smol = json.loads((smollm2_dir / "config.json").read_text())
     config = ModelConfig.tiny("llama", vocab_size=smol["vocab_size"], bos_token_id=smol["bos_token_id"],
-                              eos_token_ids=(smol["eos_token_id"],), pad_token_id=smol.get("pad_token_id"))
-    folder = save_hf_model(CausalLM(config, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("tiny") / "model",
-                           dtype="float32")
-    copy_tokenizer_files(smollm2_dir, folder)
-    return folder
+                              eos_token_ids=(smol["eos_token_id"],), pad_token_id=smol.get("pad_token_id"),
+                              **overrides)
+    saved = save_hf_model(CausalLM(config, rngs=nnx.Rngs(0)), folder, dtype="float32")
+    copy_tokenizer_files(smollm2_dir, saved)
+    return saved
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's vocabulary, saved as a HF folder with SmolLM2's tokenizer files:
+    real chat template and stop tokens, CPU-cheap weights."""
+    return _tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def long_chat_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """As tiny_chat_model_dir, with an 8192-token window: room for multi-turn trajectories and BFCL's long prompts."""
+    return _tiny_chat_model(tmp_path_factory.mktemp("long") / "model", smollm2_dir, max_position_embeddings=8192)
 
 
 @pytest.fixture(autouse=True)

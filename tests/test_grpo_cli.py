@@ -75,3 +75,24 @@ def test_ppo_baseline_runs_from_the_command_line_and_resumes(tiny_chat_model_dir
     for step in a:
         assert np.isfinite(a[step]["critic/vf_loss"]) and a[step] == b[step], step
     assert (straight / "checkpoints" / "3").is_dir()
+
+
+@pytest.mark.slow
+def test_multiturn_run_from_the_command_line_resumes_exactly(tiny_chat_model_dir, tmp_path):
+    """--environment=synthetic: the SFT warm-up on the tasks' reference turns, multi-turn steps and held-out
+    validation run from the command line, and a run resumed after step 2's checkpoint ends as the straight one."""
+    flags = ("--environment=synthetic", "--env_prompt_style=compact", "--max_turns=2", "--max_turn_tokens=16",
+             "--max_prompt_length=448", "--max_response_length=48", "--total_steps=3", "--val_every=3",
+             "--turn_reward_weight=0.5", "--sft_warmup_steps=1", "--sft_warmup_batch_size=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(_grpo_command(tiny_chat_model_dir, straight, *flags))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    shutil.rmtree(resumed / "export")
+    _run(_grpo_command(tiny_chat_model_dir, resumed, *flags, "--resume"))
+    a, b = _metrics(straight), _metrics(resumed)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for step in (1, 2, 3):
+        assert a[step] == b[step], step
+        assert a[step]["multiturn/turns_per_trajectory"] >= 1 and "reward/env/success" in a[step]
+    assert "val/multiturn/success_rate" in a[3] and "val/env/reward" in a[0]

@@ -33,8 +33,10 @@ import numpy as np
 from flax import nnx
 
 from toolrl_jax.config_checks import option, requirement_checker
+from toolrl_jax.environments import ENVIRONMENT_NAMES
 from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.models.lora import LoRAConfig, base_adapters, has_lora, lora_dropout_rate
+from toolrl_jax.multiturn import MultiTurnConfig, trajectory_metrics
 from toolrl_jax.optim import DivergenceGuard, OptimizerConfig, TrainingDivergedError, check_schedule, make_optimizer
 from toolrl_jax.placement import Placement
 from toolrl_jax.rewards.config import RewardConfig
@@ -47,6 +49,14 @@ from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.dynamic_sampling import DynamicBatch, sample_informative_groups
 from toolrl_jax.training.estimators import ESTIMATORS, GROUP_ESTIMATORS, AdvantageInputs, get_estimator
 from toolrl_jax.training.layout import RowLayout
+from toolrl_jax.training.multiturn import (
+    rollout_trajectories,
+    score_trajectories,
+    tasks_of,
+    trajectory_samples,
+    turn_index,
+    turn_returns,
+)
 from toolrl_jax.training.reward_shaping import check_component_weights, reward_parts, shape_rewards
 from toolrl_jax.training.rollout import Rollout, generate_rollout, start_rollout
 from toolrl_jax.training.step_metrics import step_metrics
@@ -118,6 +128,24 @@ class GRPOConfig:
     policy: PolicyLossConfig = PolicyLossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     reward: RewardConfig = RewardConfig()
+    environment: str = option(
+        "none", "Multi-turn RL with tools executed in the loop: the environment the policy's tool calls run in "
+                "(synthetic, bfcl; training examples carry its tasks). none = the single-turn ToolRL task.",
+        choices=ENVIRONMENT_NAMES)
+    max_turns: int = option(4, "Multi-turn: assistant turns per trajectory at most.")
+    max_turn_tokens: Optional[int] = option(
+        None, "Multi-turn: new tokens per assistant turn at most (0 = max_response_length, which bounds the whole "
+              "trajectory's model and tool tokens).", zero_is_none=True)
+    env_reward_weight: float = option(1.0, "Multi-turn: weight of the environment's verdict (final state / answer).")
+    turn_reward_weight: float = option(
+        0.0, "Multi-turn: weight of the mean ToolRL reward of each model turn against the task's reference turn at "
+             "its position (tasks with reference calls).")
+    turn_advantages: bool = option(
+        False, "Multi-turn: each turn's tokens get the advantage of its own reward-to-go (training/multiturn.py, "
+               "turn_returns: what it changes and its bias) instead of the trajectory's.")
+    tool_workers: int = option(8, "Multi-turn: host threads running the trajectories' tool calls.")
+    env_prompt_style: str = option("toolrl", "Multi-turn, synthetic environment: its prompt style.",
+                                   choices=("toolrl", "compact", "hermes"))
     rollout_engine: str = option(
         "continuous", "How rollouts decode: continuous (a fixed set of decode slots refilled from a queue as rows "
                       "stop) or static (chunks of prompts decoded until their longest row stops). Same tokens for "
@@ -190,6 +218,7 @@ class GRPOConfig:
              f"advantage_estimator {self.estimator!r} does not go with algorithm {self.algorithm!r} (gae needs the "
              "PPO critic, and PPO trains one only for gae)")
         self._check_algorithm_options(need)
+        self._check_multiturn_options(need)
         need(self.logits_chunk_size is None or self.logits_chunk_size >= 1,
              f"logits_chunk_size must be >= 1 or None, got {self.logits_chunk_size}")
         if self.prompt_length_buckets is not None:
@@ -250,6 +279,41 @@ class GRPOConfig:
                  "> 0) has no group scale of its own: set kl_coef=0 or kl_in_reward=False (kl_loss_coef adds a KL "
                  "loss term instead)")
         _ = self.component_weights  # parses reward_component_weights
+
+    def _check_multiturn_options(self, need) -> None:
+        if self.environment == "none":
+            return
+        need(self.environment in ENVIRONMENT_NAMES,
+             f"environment must be one of {ENVIRONMENT_NAMES}, got {self.environment!r}")
+        for name in ("max_turns", "tool_workers"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        need(self.max_turn_tokens is None or 1 <= self.max_turn_tokens <= self.max_response_length,
+             f"max_turn_tokens must be in [1, max_response_length={self.max_response_length}], got "
+             f"{self.max_turn_tokens}")
+        for name in ("env_reward_weight", "turn_reward_weight"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        need(self.env_reward_weight + self.turn_reward_weight > 0,
+             "env_reward_weight and turn_reward_weight are both 0: nothing to learn from")
+        need(self.estimator != "gae", f"environment {self.environment!r} trains with outcome estimators (grpo, "
+                                      "rloo, reinforce_plus_plus): the PPO critic has no multi-turn value targets yet")
+        need(not self.dynamic_sampling, "dynamic_sampling draws extra single-turn prompt rounds; it does not "
+                                        f"combine with environment {self.environment!r} yet")
+        need(self.advantage_normalization != "per_component",
+             "advantage_normalization 'per_component' splits the ToolRL reward's parts; a multi-turn reward has "
+             "environment and turn parts: use 'total'")
+        need(not (self.turn_advantages and self.reward_component_weights),
+             "turn_advantages and reward_component_weights do not combine")
+        if self.prompt_length_buckets is not None:
+            need(max(self.prompt_length_buckets) >= self.max_prompt_length + self.max_response_length,
+                 f"multi-turn prompts grow with every turn (up to max_prompt_length + max_response_length = "
+                 f"{self.max_prompt_length + self.max_response_length} tokens): the largest prompt_length_bucket "
+                 f"({max(self.prompt_length_buckets)}) must cover that")
+
+    @property
+    def multiturn(self) -> bool:
+        return self.environment != "none"
 
     @property
     def component_weights(self) -> dict[str, float]:
@@ -412,11 +476,53 @@ class GRPOTrainer:
         """The rewards trained on: `score`, then the overlong penalty and part weights (`shape_rewards`)."""
         return shape_rewards(self.score(samples, ground_truths, step), samples, self.config, self.reward)
 
+    def multiturn_config(self, greedy: bool = False) -> tuple[MultiTurnConfig, SamplingConfig]:
+        """How multi-turn trajectories roll out, and the sampling of one turn (group_size 1: a group is one
+        environment per sample)."""
+        c = self.config
+        turn_tokens = c.max_turn_tokens or c.max_response_length
+        rollout = MultiTurnConfig(max_turns=c.max_turns, max_total_tokens=c.max_response_length,
+                                  max_new_tokens_per_turn=turn_tokens, tool_workers=c.tool_workers)
+        return rollout, dataclasses.replace(self.sampling_config(greedy, turn_tokens), group_size=1)
+
+    def multiturn_rollout(self, ground_truths: Sequence[str], key: jax.Array, step: int, group_size: int,
+                          greedy: bool = False) -> tuple[SampleOutput, list, RewardResult, list, float, float]:
+        """Trajectories of the tasks `ground_truths` carry (group_size each): (their rows as samples, the
+        trajectories, rewards, per-turn ToolRL rewards, generation seconds, scoring seconds)."""
+        c = self.config
+        tasks = tasks_of(ground_truths)
+        rollout, sampling = self.multiturn_config(greedy)
+        env_kwargs = {"prompt_style": c.env_prompt_style} if c.environment == "synthetic" else {}
+        t0 = time.perf_counter()
+        trajectories = rollout_trajectories(self.sampler, self.tokenizer, c.environment, tasks, group_size, sampling,
+                                            rollout, key, env_kwargs)
+        for i, trajectory in enumerate(trajectories[::group_size]):
+            if len(trajectory.prompt_ids) > c.max_prompt_length:
+                raise ValueError(f"task {tasks[i].get('id', i)!r}: its opening prompt has {len(trajectory.prompt_ids)} "
+                                 f"tokens, more than max_prompt_length={c.max_prompt_length} (a multi-turn prompt is "
+                                 f"never cut: raise --max_prompt_length or shorten the task)")
+        samples = trajectory_samples(trajectories, group_size, self.sampler.pad_id, c.max_response_length,
+                                     self.sampling_config(), self.tokenizer)
+        t1 = time.perf_counter()
+
+        def score(responses: list[str], truths: list[str]) -> np.ndarray:
+            return self.reward.score(responses, truths, max(step, 0), pool=self.reward_pool).total
+
+        rewards, turns = score_trajectories(trajectories, tasks, group_size, c.environment, c.env_reward_weight,
+                                            c.turn_reward_weight, score)
+        return samples, trajectories, rewards, turns, t1 - t0, time.perf_counter() - t1
+
     def rollout_stage(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], key: jax.Array,
                       step: int, refill: Optional[Callable[[], Any]]
                       ) -> tuple[Rollout, RewardResult, Optional[DynamicBatch], float]:
         """Sample and score: (the rollout, its log-prob passes in flight; its rewards; the dynamic-sampling draw or
         None; host seconds spent scoring)."""
+        if self.config.multiturn:
+            samples, trajectories, rewards, turns, seconds_generate, seconds_score = self.multiturn_rollout(
+                ground_truths, key, step, self.config.group_size)
+            rollout = start_rollout(self, samples, seconds_generate)
+            rollout.trajectories, rollout.turn_rewards = trajectories, turns
+            return rollout, shape_rewards(rewards, samples, self.config, self.reward), None, seconds_score
         if self.config.dynamic_sampling:
             drawn = sample_informative_groups(self, prompt_ids, ground_truths, key, step, refill)
             return start_rollout(self, drawn.samples, drawn.seconds_generate), drawn.rewards, drawn, drawn.seconds_score
@@ -441,6 +547,8 @@ class GRPOTrainer:
         advantages = self.estimator(AdvantageInputs(
             outcome=rewards.total, mask=rollout.mask, old_logp=logprobs.old, ref_logp=logprobs.ref,
             rows=rollout.rows, config=c, critic=self.critic, components=parts))
+        if c.turn_advantages and rollout.trajectories is not None:
+            advantages = self.per_turn_advantages(rollout, rewards, logprobs, advantages)
         train_rows, row_metrics = update_rows(rollout, logprobs, advantages, c, drawn.filler if drawn else None)
         t_prepare = time.perf_counter()
         update_metrics, cells = update_stage(self, train_rows)
@@ -449,6 +557,8 @@ class GRPOTrainer:
         self.step = step
         metrics = step_metrics(rollout, rewards, logprobs, advantages, update_metrics, cells, c.ppo_epochs, seconds)
         metrics.update(row_metrics, **(drawn.metrics if drawn else {}))
+        if rollout.trajectories is not None:
+            metrics.update(trajectory_metrics(rollout.trajectories))
         if not np.isfinite(metrics["actor/actor_loss"]):
             raise TrainingDivergedError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
                                         f"(grad_norm {metrics.get('actor/grad_norm')}); the run stops and nothing "
@@ -456,10 +566,28 @@ class GRPOTrainer:
         return StepResult(metrics=metrics, rewards=rewards, samples=rollout.samples,
                           groups=drawn.groups if drawn else None)
 
+    def per_turn_advantages(self, rollout: Rollout, rewards: RewardResult, logprobs: Any, advantages: Any) -> Any:
+        """`turn_advantages`: the step's estimator run on each turn position's reward-to-go
+        (`multiturn.turn_returns`), each model token taking its own turn's advantage."""
+        c, mask = self.config, rollout.mask
+        index = turn_index(rollout.trajectories, mask.shape[1])
+        returns = turn_returns(rollout.trajectories, rollout.turn_rewards, c.env_reward_weight, c.turn_reward_weight,
+                               max(1, int(index.max()) + 1))
+        shaping = rewards.total - returns[:, 0]  # the overlong penalty and the like apply to every turn
+        token = np.zeros(mask.shape, np.float32)
+        for k in range(returns.shape[1]):
+            column = self.estimator(AdvantageInputs(
+                outcome=returns[:, k] + shaping, mask=mask, old_logp=logprobs.old, ref_logp=logprobs.ref,
+                rows=rollout.rows, config=c, critic=self.critic))
+            token = np.where(index == k, np.asarray(column.token, np.float32), token)
+        return dataclasses.replace(advantages, token=token)
+
     def validate(self, prompt_ids: Sequence[Sequence[int]], ground_truths: Sequence[str], step: int
                  ) -> tuple[dict[str, float], SampleOutput, RewardResult]:
         """Greedy decoding on a held-out split (and `val_samples` sampled responses per prompt), scored with the
-        training reward at `step`."""
+        training reward at `step`; in multi-turn mode, greedy (and sampled) trajectories of the held-out tasks."""
+        if self.config.multiturn:
+            return self.validate_multiturn(ground_truths, step)
         max_new = self.config.val_max_new_tokens or self.config.max_response_length
         samples = self.sampler.generate(prompt_ids, self.sampling_config(greedy=True, max_new_tokens=max_new),
                                         jax.random.key(0))
@@ -471,4 +599,23 @@ class GRPOTrainer:
                                            group_size=self.config.val_samples)
             sampled = self.sampler.generate(prompt_ids, sampling, jax.random.key(1))
             metrics.update(self.score(sampled, ground_truths, max(step, 0)).metrics("val_sampled/"))
+        return metrics, samples, rewards
+
+    def validate_multiturn(self, ground_truths: Sequence[str], step: int
+                           ) -> tuple[dict[str, float], SampleOutput, RewardResult]:
+        """Greedy trajectories of held-out tasks (fixed key), scored as in training: val/* rewards and val/multiturn/*
+        (success rate, turns, tool calls and errors); with `val_samples`, also that many sampled trajectories per
+        task (val_sampled/*)."""
+        samples, trajectories, rewards, _, _, _ = self.multiturn_rollout(ground_truths, jax.random.key(0), step, 1,
+                                                                         greedy=True)
+        metrics = rewards.metrics("val/")
+        metrics.update({"val/" + k: v for k, v in trajectory_metrics(trajectories).items()
+                        if not k.startswith("time/")})
+        metrics["val/response_length"] = float(samples.lengths.mean())
+        if self.config.val_samples > 0:
+            _, sampled, sampled_rewards, _, _, _ = self.multiturn_rollout(ground_truths, jax.random.key(1), step,
+                                                                          self.config.val_samples)
+            metrics.update(sampled_rewards.metrics("val_sampled/"))
+            metrics.update({"val_sampled/" + k: v for k, v in trajectory_metrics(sampled).items()
+                            if not k.startswith("time/")})
         return metrics, samples, rewards

@@ -77,10 +77,14 @@ class Rollout:
     fetch: Callable[[Any], Any]
     seconds_generate: float
     seconds_dispatch: float
+    trajectories: Optional[list] = None  # multi-turn: the `multiturn.Trajectory` of every row
+    turn_rewards: Optional[list] = None  # multi-turn: each row's per-turn ToolRL rewards ([K] arrays)
 
     @property
     def mask(self) -> np.ndarray:
-        return self.rows["response_mask"]
+        """[N, R] the tokens the policy generated, which every log-prob, KL and advantage term counts: the response
+        mask, or in multi-turn rows the loss mask (tool-result tokens are attended to but never trained)."""
+        return self.rows.get("loss_mask", self.rows["response_mask"])
 
     def logprobs(self) -> RolloutLogProbs:
         """Waits for the passes (masked to the response tokens)."""
@@ -107,8 +111,9 @@ def start_rollout(learner: Any, samples: SampleOutput, seconds_generate: float) 
     """The rollout of responses already sampled: rows joined, log-prob passes dispatched (`generate_rollout`)."""
     c = learner.config
     t_generate = time.perf_counter()
-    rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids,
-                                    samples.response_mask)
+    rows = join_prompt_and_response(samples.prompt_ids, samples.prompt_mask, samples.response_ids, samples.attended)
+    if samples.response_attention is not None:  # multi-turn: train the model's tokens only
+        rows["loss_mask"] = samples.response_mask.astype(np.float32)
     place, layout = learner.placement.place_rows, learner.layout
     pending_old = pending_ref = None
     if c.recompute_old_logprobs:

@@ -188,16 +188,21 @@ def export_policy(model: CausalLM, run: RunConfig, source_folder: Path,
 def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: Sequence[ToolRLExample],
              val: Sequence[ToolRLExample], batching: BatchingConfig, placement: Placement = Placement(),
              warmup: Any = None, reward: Any = None, reward_pool: Any = None, shapes: Mapping[str, Any] = (),
-             settings: Mapping[str, Any] = ()) -> GRPOTrainer:
+             settings: Mapping[str, Any] = (), warmup_examples: Optional[Sequence[ToolRLExample]] = None
+             ) -> GRPOTrainer:
     """A GRPO (or PPO) run in `run.run_dir`: the identity check, the optional SFT warm-up (an SFTConfig), then
     `config.total_steps` steps over prompts drawn by `batching` (its batch size is taken from the config), greedy
     validation at step 0, every `config.val_every` steps and at the end, checkpoints, export. Returns the trainer.
     reward: a `CombinedReward` (default: the ToolRL reward of config.reward); shapes / settings: what the run
-    identity records (`run_identity`)."""
+    identity records (`run_identity`); warmup_examples: what the warm-up trains on (default: `train`; multi-turn runs
+    pass their tasks' reference turns, `training.multiturn.reference_examples`)."""
     resuming = run.resuming()
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
-    model = sft_warmup(source, train, warmup, run.run_dir, placement) if warmup is not None else source.model
+    model = source.model
+    if warmup is not None:
+        model = sft_warmup(source, train if warmup_examples is None else warmup_examples, warmup, run.run_dir,
+                           placement)
     add_adapters(model, config.lora, config.seed)  # after the warm-up, which trains the full weights
     tokenizer = source.tokenizer
     encode = chat_encoder(tokenizer)
