@@ -30,6 +30,7 @@ from absl import app, flags
 
 from toolrl_jax.evaluation import heldout, search, suite
 from toolrl_jax.evaluation.bfcl import categories as bfcl_categories
+from toolrl_jax.evaluation.environments import EnvEvalConfig
 from toolrl_jax.evaluation.generator import LONG_PROMPT_POLICIES, Generator, SamplerGenerator, SamplerGeneratorConfig
 from toolrl_jax.evaluation.http_json import HttpConfig
 from toolrl_jax.evaluation.judge import DEFAULT_JUDGE_MODEL, OPENAI_BASE_URL, LlmJudge
@@ -103,6 +104,17 @@ _REQUEST_BACKOFF = flags.DEFINE_float("request_backoff_s", 2.0, "First retry del
 _BAMBOOGLE_ROUNDS = flags.DEFINE_integer("bamboogle_max_rounds", 4, "Generations per Bamboogle question.",
                                          lower_bound=1)
 _BAMBOOGLE_F1 = flags.DEFINE_float("bamboogle_f1_threshold", 0.5, "Offline protocol's judge: EM or F1 >= this.")
+_ENV_TASKS = flags.DEFINE_string("env_tasks", None, "--benchmarks=env_synthetic: a task file (JSONL; default: "
+                                 "--env_count generated held-out tasks of the synthetic environment).")
+_ENV_COUNT = flags.DEFINE_integer("env_count", 64, "env_synthetic: generated held-out tasks.", lower_bound=1)
+_ENV_CATEGORIES = flags.DEFINE_list("env_categories", ["multi_turn_base"], "env_bfcl: BFCL v3 multi-turn "
+                                    "categories run through the training environment.")
+_ENV_MAX_TURNS = flags.DEFINE_integer("env_max_turns", 8, "env_*: assistant turns per trajectory.", lower_bound=1)
+_ENV_TURN_TOKENS = flags.DEFINE_integer("env_turn_tokens", 256, "env_*: new tokens per turn.", lower_bound=1)
+_ENV_TOTAL_TOKENS = flags.DEFINE_integer("env_total_tokens", 2048, "env_*: model and tool tokens per trajectory.",
+                                         lower_bound=1)
+_ENV_PROMPT_STYLE = flags.DEFINE_enum("env_prompt_style", "compact", ["toolrl", "compact", "hermes"],
+                                      "env_synthetic: the environment's prompt style (as trained).")
 _HELDOUT_DATA = flags.DEFINE_list("heldout_data", [], "Held-out tool-call files for --benchmarks=heldout: ToolRL "
                                   "parquet/JSON, or xLAM / Hammer style JSON/JSONL.")
 
@@ -129,7 +141,10 @@ def config_from_flags() -> suite.EvalConfig:
             context_tokens=_CONTEXT_TOKENS.value, long_prompts=_LONG_PROMPTS.value,
             bamboogle_protocol=_BAMBOOGLE_PROTOCOL.value, bamboogle_max_rounds=_BAMBOOGLE_ROUNDS.value,
             bamboogle_f1_threshold=_BAMBOOGLE_F1.value, heldout_data=tuple(_HELDOUT_DATA.value),
-            model_name=_MODEL.value or "")
+            model_name=_MODEL.value or "", environments=EnvEvalConfig(
+                tasks=_ENV_TASKS.value, count=_ENV_COUNT.value, categories=tuple(_ENV_CATEGORIES.value),
+                max_turns=_ENV_MAX_TURNS.value, turn_tokens=_ENV_TURN_TOKENS.value,
+                total_tokens=_ENV_TOTAL_TOKENS.value, prompt_style=_ENV_PROMPT_STYLE.value))
     except ValueError as error:
         raise app.UsageError(str(error)) from error
 

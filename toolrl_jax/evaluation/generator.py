@@ -156,6 +156,15 @@ class SamplerGenerator:
                                          slots=config.slots)
         self._calls = 0
 
+    @property
+    def sampler(self) -> Any:
+        """The JAX Sampler (multi-turn environment benchmarks drive it token by token)."""
+        return self._sampler
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     def _call_budget(self, kept: int, budget: int, limits: GenerationLimits) -> int:
         """The decode length of a sampler call for this prompt: the full cap where the window allows (the
         completion is cut to ``budget`` afterwards), else ``budget`` rounded down to the quantum."""

@@ -65,9 +65,21 @@ def markdown(summary: dict[str, Any]) -> str:
     held = summary.get("heldout")
     if held:
         parts += _heldout(held, notes)
+    for name, title in (("env_synthetic", "Synthetic environment, held-out tasks"),
+                        ("env_bfcl", "BFCL multi-turn through the training environment")):
+        if summary.get(name):
+            parts += _environment(summary[name], title)
     if notes:
         parts += ["## Notes", "\n".join(f"- {note}" for note in notes)]
     return "\n\n".join(parts) + "\n"
+
+
+def _environment(env: dict[str, Any], title: str) -> list[str]:
+    rows = [["all", str(env["count"]), _pct(env["success_rate"])]]
+    rows += [[kind, str(v["count"]), _pct(v["success_rate"])] for kind, v in env.get("by_kind", {}).items()]
+    return [f"## {title} (success %)", _table(["Tasks", "Count", "Success"], rows),
+            f"Turns per task {env['turns']:.2f}; tool calls per turn {env['tool_calls_per_turn']:.2f}; tool errors "
+            f"per turn {env['tool_errors_per_turn']:.2f}."]
 
 
 def _bamboogle(bamboo: dict[str, Any], notes: list[str]) -> list[str]:

@@ -25,13 +25,14 @@ from toolrl_jax.evaluation.bfcl import data as bfcl_data
 from toolrl_jax.evaluation.bfcl import multi_turn
 from toolrl_jax.evaluation.bfcl.runner import DEFAULT_LIMITS as BFCL_LIMITS
 from toolrl_jax.evaluation.bfcl.runner import BfclConfig, evaluate_bfcl
+from toolrl_jax.evaluation.environments import ENV_BENCHMARKS, EnvEvalConfig, evaluate_environment
 from toolrl_jax.evaluation.generator import LONG_PROMPT_POLICIES, GenerationLimits, Generator
 from toolrl_jax.evaluation.judge import LlmJudge
 from toolrl_jax.evaluation.search import SearchBackend, WebSearch
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("bfcl", "api_bank", "bamboogle", "heldout")
+BENCHMARKS = ("bfcl", "api_bank", "bamboogle", "heldout", "env_synthetic", "env_bfcl")
 PAPER_BENCHMARKS = BENCHMARKS[:3]
 BAMBOOGLE_PROTOCOLS = ("toolrl", "offline")
 DEFAULT_LIMITS = {"bfcl": BFCL_LIMITS, "api_bank": api_bank.DEFAULT_LIMITS,
@@ -59,6 +60,7 @@ class EvalConfig:
     bamboogle_f1_threshold: float = 0.5  # offline protocol's judge
     heldout_data: tuple[str, ...] = ()
     model_name: str = ""
+    environments: EnvEvalConfig = EnvEvalConfig()  # env_synthetic / env_bfcl (bfcl_dir and limit filled in)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
@@ -75,7 +77,7 @@ class EvalConfig:
             raise ValueError(f"long_prompts must be one of {LONG_PROMPT_POLICIES}, got {self.long_prompts!r}")
         if "heldout" in self.benchmarks and not self.heldout_data:
             raise ValueError("the heldout benchmark needs held-out data files")
-        for benchmark in BENCHMARKS:
+        for benchmark in DEFAULT_LIMITS:
             self.limits(benchmark)  # raises on bad token limits
         bfcl_categories.expand(list(self.bfcl_categories))  # raises on unknown names
 
@@ -129,6 +131,12 @@ def required_files(config: EvalConfig, *, bamboogle_runs: bool = True) -> list[P
         files.append(config.bamboogle_path)
     if "heldout" in config.benchmarks:
         files += [Path(path) for path in config.heldout_data]
+    if "env_synthetic" in config.benchmarks and config.environments.tasks:
+        files.append(Path(config.environments.tasks))
+    if "env_bfcl" in config.benchmarks:
+        for category in config.environments.categories:
+            files += [config.bfcl_dir / bfcl_categories.file_name(category),
+                      config.bfcl_dir / "possible_answer" / bfcl_categories.file_name(category)]
     return files
 
 
@@ -154,7 +162,7 @@ def run_evaluation(generator: Generator, config: EvalConfig, *, search: SearchBa
     prompt_set = prompts.PromptSet.load(config.system_template)
     summary: dict[str, Any] = {"model": config.model_name, "config": dataclasses.asdict(config),
                                "generation_limits": {name: dataclasses.asdict(config.limits(name))
-                                                     for name in config.benchmarks}}
+                                                     for name in config.benchmarks if name in DEFAULT_LIMITS}}
     if "bfcl" in config.benchmarks:
         bfcl_config = BfclConfig(bfcl_dir=str(config.bfcl_dir), categories=tuple(config.bfcl_categories),
                                  limit=config.limit, batch_size=config.batch_size, limits=config.limits("bfcl"))
@@ -165,6 +173,8 @@ def run_evaluation(generator: Generator, config: EvalConfig, *, search: SearchBa
                                                          limits=config.limits("api_bank"))
     if "bamboogle" in config.benchmarks:
         summary["bamboogle"] = _bamboogle(generator, config, prompt_set, search, web_search, judge, bamboogle_runs)
+    for benchmark in (b for b in config.benchmarks if b in ENV_BENCHMARKS):
+        summary[benchmark] = _environment(generator, config, benchmark)
     if "heldout" in config.benchmarks:
         summary["heldout"] = heldout.evaluate_heldout(generator, heldout.HeldoutConfig(
             paths=tuple(config.heldout_data), batch_size=config.batch_size, limit=config.limit,
@@ -172,6 +182,16 @@ def run_evaluation(generator: Generator, config: EvalConfig, *, search: SearchBa
     json_path, md_path = report.write_summary(summary, config.out_dir)
     logger.info("wrote %s and %s", json_path, md_path)
     return summary
+
+
+def _environment(generator: Generator, config: EvalConfig, benchmark: str) -> dict[str, Any]:
+    """An env_* benchmark: trajectories through the training environments need the JAX sampler itself."""
+    sampler, tokenizer = getattr(generator, "sampler", None), getattr(generator, "tokenizer", None)
+    if sampler is None or tokenizer is None:
+        raise ValueError(f"{benchmark} runs multi-turn trajectories token by token: it needs the JAX "
+                         f"SamplerGenerator (a generator with .sampler and .tokenizer), not {type(generator).__name__}")
+    env_config = dataclasses.replace(config.environments, bfcl_dir=str(config.bfcl_dir), limit=config.limit)
+    return evaluate_environment(sampler, tokenizer, benchmark, env_config, config.out_dir)
 
 
 def _bamboogle(generator: Generator, config: EvalConfig, prompt_set: prompts.PromptSet,
