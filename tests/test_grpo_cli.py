@@ -59,18 +59,24 @@ def test_invalid_flags_are_named(tiny_chat_model_dir, tmp_path):
     assert proc.returncode != 0 and "--model=" in proc.stderr
 
 
+def _straight_and_resumed(model_dir: Path, tmp_path: Path, flags: tuple[str, ...]) -> tuple[dict, dict]:
+    """Metrics of a 3-step run, and of that run as it stood after step 2's checkpoint (what a run killed during
+    step 3 leaves) resumed to the end."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(_grpo_command(model_dir, straight, *flags))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    shutil.rmtree(resumed / "export")
+    _run(_grpo_command(model_dir, resumed, *flags, "--resume"))
+    return _metrics(straight), _metrics(resumed)
+
+
 @pytest.mark.slow
 def test_ppo_baseline_runs_from_the_command_line_and_resumes(tiny_chat_model_dir, tmp_path):
     """--algorithm=ppo: a tiny PPO run logs critic metrics, checkpoints the critic and resumes to the same end."""
     ppo = ("--algorithm=ppo", "--group_size=1", "--total_steps=3", "--val_every=0", "--critic_lr=1e-3")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(_grpo_command(tiny_chat_model_dir, straight, *ppo))
-    # The run as it stood after step 2's checkpoint (what a run killed during step 3 leaves), resumed.
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "3")
-    shutil.rmtree(resumed / "export")
-    _run(_grpo_command(tiny_chat_model_dir, resumed, *ppo, "--resume"))
-    a, b = _metrics(straight), _metrics(resumed)
+    straight = tmp_path / "straight"
+    a, b = _straight_and_resumed(tiny_chat_model_dir, tmp_path, ppo)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert np.isfinite(a[step]["critic/vf_loss"]) and a[step] == b[step], step
@@ -84,13 +90,7 @@ def test_multiturn_run_from_the_command_line_resumes_exactly(tiny_chat_model_dir
     flags = ("--environment=synthetic", "--env_prompt_style=compact", "--max_turns=2", "--max_turn_tokens=16",
              "--max_prompt_length=448", "--max_response_length=48", "--total_steps=3", "--val_every=3",
              "--turn_reward_weight=0.5", "--sft_warmup_steps=1", "--sft_warmup_batch_size=2")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(_grpo_command(tiny_chat_model_dir, straight, *flags))
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "3")
-    shutil.rmtree(resumed / "export")
-    _run(_grpo_command(tiny_chat_model_dir, resumed, *flags, "--resume"))
-    a, b = _metrics(straight), _metrics(resumed)
+    a, b = _straight_and_resumed(tiny_chat_model_dir, tmp_path, flags)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in (1, 2, 3):
         assert a[step] == b[step], step

@@ -59,6 +59,7 @@ from typing import Any
 from toolrl_jax.environments.execution import call_with_timeout, result_text
 from toolrl_jax.environments.protocol import Environment, Outcome, Reset, Step, ToolCall, ToolResult
 from toolrl_jax.environments.synthetic import HERMES_SYSTEM
+from toolrl_jax.environments.tasks import task_lines
 from toolrl_jax.evaluation import prompts
 from toolrl_jax.evaluation.bfcl import categories, data, multi_turn
 from toolrl_jax.evaluation.bfcl.ast_checker import CheckResult
@@ -208,22 +209,14 @@ def load_tasks(path: str | Path, *, bfcl_dir: str | Path | None = None,
     contamination with the BFCL evaluation set (ValueError listing the ids, unless allow_contamination)."""
     tasks: list[dict[str, Any]] = []
     lines: dict[str, int] = {}
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
-            problem = task_problem(task)
-            if problem is None and task["id"] in lines:
-                problem = f"duplicate id (first on line {lines[task['id']]})"
-            if problem is not None:
-                label = f" task {task.get('id')!r}" if isinstance(task, dict) else ""
-                raise ValueError(f"{path}:{number}:{label} {problem}")
-            lines[task["id"]] = number
-            tasks.append(task)
+    for number, task in task_lines(path):
+        problem = task_problem(task)
+        if problem is None and task["id"] in lines:
+            problem = f"duplicate id (first on line {lines[task['id']]})"
+        if problem is not None:
+            raise ValueError(f"{path}:{number}: task {task.get('id')!r} {problem}")
+        lines[task["id"]] = number
+        tasks.append(task)
     if not allow_contamination:
         refuse_contaminated(tasks, default_reference(bfcl_dir), source=str(path))
     return tasks

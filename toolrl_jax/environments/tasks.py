@@ -3,7 +3,7 @@ generated once, inspected, and read back identically."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,9 @@ def write_tasks(tasks: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def read_tasks(path: str | Path) -> list[dict[str, Any]]:
-    """The tasks of a JSONL file (blank lines skipped); raises ValueError naming the line of a bad record."""
-    tasks = []
+def task_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, task) of each record of a JSONL file (blank lines skipped); raises ValueError naming the file
+    and line of a record that is not a JSON object."""
     with Path(path).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -31,5 +31,9 @@ def read_tasks(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not JSON ({error})") from error
             if not isinstance(task, dict):
                 raise ValueError(f"{path}:{number}: a task must be a JSON object, got {type(task).__name__}")
-            tasks.append(task)
-    return tasks
+            yield number, task
+
+
+def read_tasks(path: str | Path) -> list[dict[str, Any]]:
+    """The tasks of a JSONL file (blank lines skipped); raises ValueError naming the line of a bad record."""
+    return [task for _, task in task_lines(path)]
