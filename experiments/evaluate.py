@@ -113,7 +113,7 @@ _ENV_MAX_TURNS = flags.DEFINE_integer("env_max_turns", 8, "env_*: assistant turn
 _ENV_TURN_TOKENS = flags.DEFINE_integer("env_turn_tokens", 256, "env_*: new tokens per turn.", lower_bound=1)
 _ENV_TOTAL_TOKENS = flags.DEFINE_integer("env_total_tokens", 2048, "env_*: model and tool tokens per trajectory.",
                                          lower_bound=1)
-_ENV_PROMPT_STYLE = flags.DEFINE_enum("env_prompt_style", "compact", ["toolrl", "compact", "hermes"],
+_ENV_PROMPT_STYLE = flags.DEFINE_enum("env_prompt_style", "compact", ["toolrl", "compact", "minimal", "hermes"],
                                       "env_synthetic: the environment's prompt style (as trained).")
 _HELDOUT_DATA = flags.DEFINE_list("heldout_data", [], "Held-out tool-call files for --benchmarks=heldout: ToolRL "
                                   "parquet/JSON, or xLAM / Hammer style JSON/JSONL.")

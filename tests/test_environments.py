@@ -684,3 +684,14 @@ def test_registry():
         make_environment("nope")
     with pytest.raises(ValueError, match="single-turn task"):
         make_environment("none")
+
+
+def test_minimal_prompt_lists_signatures_in_under_half_the_compact_prompt():
+    task = make_tasks("train", 1, seed=0)[0]
+    minimal = SyntheticEnvironment(prompt_style="minimal").reset(task)
+    compact = SyntheticEnvironment(prompt_style="compact").reset(task)
+    text = minimal.messages[0]["content"]
+    assert minimal.call_format == "toolrl" and minimal.messages[1] == compact.messages[1]
+    assert "- read_file(path: string): Read the text of a file." in text
+    assert all(f"- {name}(" in text for name in task["tools"]) and "<think>" in text and "<response>" in text
+    assert len(text) < len(compact.messages[0]["content"]) / 2

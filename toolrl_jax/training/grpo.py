@@ -145,7 +145,7 @@ class GRPOConfig:
                "turn_returns: what it changes and its bias) instead of the trajectory's.")
     tool_workers: int = option(8, "Multi-turn: host threads running the trajectories' tool calls.")
     env_prompt_style: str = option("toolrl", "Multi-turn, synthetic environment: its prompt style.",
-                                   choices=("toolrl", "compact", "hermes"))
+                                   choices=("toolrl", "compact", "minimal", "hermes"))
     rollout_engine: str = option(
         "continuous", "How rollouts decode: continuous (a fixed set of decode slots refilled from a queue as rows "
                       "stop) or static (chunks of prompts decoded until their longest row stops). Same tokens for "
