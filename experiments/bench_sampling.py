@@ -179,7 +179,8 @@ def _worker_jax(batch: int) -> dict[str, Any]:
     return result
 
 
-def _worker_hf(batch: int) -> dict[str, Any]:
+def _hf_model():
+    """(device, model, pad id) of the shared weights in PyTorch (the GPU when there is one)."""
     import torch
     import transformers
 
@@ -187,8 +188,26 @@ def _worker_hf(batch: int) -> dict[str, Any]:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[_DTYPE.value]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         _WEIGHTS.value, dtype=dtype, attn_implementation=_HF_ATTN.value).to(device).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return device, model, pad
+
+
+def _torch_peak(device) -> dict[str, Any]:
+    """PyTorch's peak: device bytes on a GPU, else the process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "peak_kind": "device",
+                "device": torch.cuda.get_device_name()}
+    return {"peak_bytes": _host_peak_bytes(), "peak_kind": "host_rss", "device": "cpu"}
+
+
+def _worker_hf(batch: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    device, model, pad = _hf_model()
     config = model.config
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
     ids = torch.tensor(_prompts(batch, config.vocab_size), dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
     sampling = dict(do_sample=True, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value) \
@@ -216,12 +235,7 @@ def _worker_hf(batch: int) -> dict[str, Any]:
               "transformers": transformers.__version__}
     if _PROBE.value and Path(_PROBE.value).is_file():
         result["logprob_check"] = _rescore_probe(model, device)
-    if device.type == "cuda":
-        result["peak_bytes"], result["peak_kind"] = int(torch.cuda.max_memory_allocated()), "device"
-        result["device"] = torch.cuda.get_device_name()
-    else:
-        result["peak_bytes"], result["peak_kind"], result["device"] = _host_peak_bytes(), "host_rss", "cpu"
-    return result
+    return {**result, **_torch_peak(device)}
 
 
 def _rescore_probe(model, device) -> dict[str, float]:
@@ -356,12 +370,8 @@ def _worker_tail_hf() -> dict[str, Any]:
     import torch
     import transformers
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[_DTYPE.value]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        _WEIGHTS.value, dtype=dtype, attn_implementation=_HF_ATTN.value).to(device).eval()
+    device, model, pad = _hf_model()
     config = model.config
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     prompts, lengths = _tail_workload()
     rows = np.repeat(np.asarray(prompts), _GROUP.value, axis=0)
@@ -411,12 +421,7 @@ def _worker_tail_hf() -> dict[str, Any]:
               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
               "row_steps_per_useful_token": _row_steps_static(lengths, _SLOTS.value) / useful,
               "torch": torch.__version__, "transformers": transformers.__version__}
-    if device.type == "cuda":
-        result["peak_bytes"], result["peak_kind"] = int(torch.cuda.max_memory_allocated()), "device"
-        result["device"] = torch.cuda.get_device_name()
-    else:
-        result["peak_bytes"], result["peak_kind"], result["device"] = _host_peak_bytes(), "host_rss", "cpu"
-    return result
+    return {**result, **_torch_peak(device)}
 
 
 def _tail_table(rows: list[dict[str, Any]]) -> str:
