@@ -46,6 +46,11 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments.tools.rollout_lengths import (
+    row_steps_static,
+    schedule_model,
+    tail_lengths,
+)
 from toolrl_jax.metrics import median_seconds
 
 _MODEL = flags.DEFINE_string("model", "qwen2.5-1.5b", "A preset name from toolrl_jax.models.config.PRESETS, or "
@@ -254,23 +259,6 @@ def _rescore_probe(model, device) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- long-tailed workload
-# The log-normal fitted to the Qwen2.5-tokenizer lengths of ToolRL's 400 SFT reference answers (module docstring).
-TOOLRL_LOG_MEAN, TOOLRL_LOG_SD = 5.854, 0.352
-
-
-def tail_lengths(rows: int, budget: int, dist: str, mean: float, sigma: float, seed: int):
-    """Per-row response lengths, clipped to [1, budget]; `lognormal` keeps the given mean (log-mean = log(mean) -
-    sigma^2 / 2)."""
-    import numpy as np
-
-    if dist == "toolrl":
-        mu, sd = TOOLRL_LOG_MEAN, TOOLRL_LOG_SD
-    else:
-        mu, sd = float(np.log(mean)) - sigma ** 2 / 2, sigma
-    lengths = np.random.default_rng(seed).lognormal(mu, sd, size=rows)
-    return np.clip(np.rint(lengths), 1, budget).astype(np.int32)
-
-
 def _tail_workload():
     """(prompts, per-row lengths) of the long-tailed workload, identical in every worker."""
     from experiments.common import named_model_config
@@ -280,25 +268,6 @@ def _tail_workload():
     lengths = tail_lengths(_ROWS.value, _NEW.value, _LENGTH_DIST.value, _LENGTH_MEAN.value, _LENGTH_SIGMA.value,
                            _SEED.value)
     return prompts, lengths
-
-
-def schedule_model(lengths, group: int, slots: int) -> dict[str, float]:
-    """Row-steps per useful token of both engines for rows of these lengths at `slots` rows of KV cache: the static
-    engine in batches of `slots` rows (each runs to its longest row), the continuous one by replaying its refill
-    policy (`scheduler.simulate_continuous`: every decode step computes every slot, first tokens come from the
-    prefill). At equal cost per row-step, their ratio is the continuous engine's speedup."""
-    from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
-
-    useful = int(sum(lengths))
-    continuous = simulate_continuous(lengths, RefillPolicy(slots, group))[1] + len(lengths)
-    static = _row_steps_static(lengths, slots)
-    return {"slots": slots, "continuous": continuous / useful, "static": static / useful,
-            "speedup": static / continuous}
-
-
-def _row_steps_static(lengths, rows_per_batch: int) -> int:
-    """Rows x steps a static engine computes: each batch runs as many steps as its longest row."""
-    return sum(rows_per_batch * max(lengths[i:i + rows_per_batch]) for i in range(0, len(lengths), rows_per_batch))
 
 
 def _peak() -> tuple[int, str]:
@@ -352,7 +321,7 @@ def _worker_tail(engine: str) -> dict[str, Any]:
         if simulate_continuous(lengths, RefillPolicy(stats.slots, n)) != (stats.decode_steps, stats.row_steps):
             raise RuntimeError("the schedule model's decode steps differ from the engine's")
     else:
-        row_steps, cached_rows = _row_steps_static(lengths, per_batch * n), per_batch * n
+        row_steps, cached_rows = row_steps_static(lengths, per_batch * n), per_batch * n
     peak, kind = _peak()
     return {"impl": engine, "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
             "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
@@ -419,7 +388,7 @@ def _worker_tail_hf() -> dict[str, Any]:
     seconds = time.perf_counter() - start
     result = {"impl": "hf_generate", "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
-              "row_steps_per_useful_token": _row_steps_static(lengths, _SLOTS.value) / useful,
+              "row_steps_per_useful_token": row_steps_static(lengths, _SLOTS.value) / useful,
               "torch": torch.__version__, "transformers": transformers.__version__}
     return {**result, **_torch_peak(device)}
 

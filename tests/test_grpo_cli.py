@@ -87,7 +87,7 @@ def test_ppo_baseline_runs_from_the_command_line_and_resumes(tiny_chat_model_dir
 def test_multiturn_run_from_the_command_line_resumes_exactly(tiny_chat_model_dir, tmp_path):
     """--environment=synthetic: the SFT warm-up on the tasks' reference turns, multi-turn steps and held-out
     validation run from the command line, and a run resumed after step 2's checkpoint ends as the straight one."""
-    flags = ("--environment=synthetic", "--env_prompt_style=compact", "--max_turns=2", "--max_turn_tokens=16",
+    flags = ("--environment=synthetic", "--env_prompt_style=minimal", "--max_turns=2", "--max_turn_tokens=16",
              "--max_prompt_length=448", "--max_response_length=48", "--total_steps=3", "--val_every=3",
              "--turn_reward_weight=0.5", "--sft_warmup_steps=1", "--sft_warmup_batch_size=2")
     a, b = _straight_and_resumed(tiny_chat_model_dir, tmp_path, flags)

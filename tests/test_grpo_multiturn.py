@@ -38,7 +38,7 @@ def _trainer(folder, placement=None, **overrides) -> GRPOTrainer:
         model, kwargs = nnx.merge(graphdef, placement.place_state(state)), dict(placement=placement)
     fields = dict(prompts_per_step=2, group_size=4, mini_batch_prompts=2, micro_batch_rows=4, max_prompt_length=512,
                   max_response_length=384, kl_coef=0.001, val_every=0, environment="synthetic",
-                  env_prompt_style="compact", max_turns=4, max_turn_tokens=96, turn_reward_weight=0.5,
+                  env_prompt_style="minimal", max_turns=4, max_turn_tokens=96, turn_reward_weight=0.5,
                   optimizer=OptimizerConfig(learning_rate=1e-3))
     fields.update(overrides)
     return GRPOTrainer(model, GRPOConfig(**fields), tokenizer=tok, pad_id=tok.pad_token_id,
@@ -133,7 +133,7 @@ def test_one_turn_is_the_single_turn_step(long_chat_model_dir):
     single-turn rollout of the same prompts and key, and the same advantages give the same update."""
     multi = _trainer(long_chat_model_dir, max_turns=1, max_turn_tokens=None, max_response_length=24)
     single = _trainer(long_chat_model_dir, environment="none", max_response_length=24)
-    examples = task_examples(TASKS, "synthetic", "train", {"prompt_style": "compact"})
+    examples = task_examples(TASKS, "synthetic", "train", {"prompt_style": "minimal"})
     prompts = [encode_chat(single.tokenizer, e.prompt_messages) for e in examples]
     key = jax.random.key(2)
     mt, rewards, _, _ = multi.rollout_stage(prompts, TRUTHS, key, 1, None)

@@ -48,7 +48,7 @@ def test_toolrl_length_distribution_is_the_fit_of_the_reference_answers(shared_d
     reference answers (re-fitted here from ../shared)."""
     import numpy as np
 
-    from experiments.bench_sampling import TOOLRL_LOG_MEAN, TOOLRL_LOG_SD, tail_lengths
+    from experiments.tools.rollout_lengths import TOOLRL_LOG_MEAN, TOOLRL_LOG_SD, tail_lengths
     from toolrl_jax import assets
     from toolrl_jax.tokenization import load_tokenizer
 
@@ -63,10 +63,10 @@ def test_toolrl_length_distribution_is_the_fit_of_the_reference_answers(shared_d
 
 
 def test_static_row_steps_count_each_batch_at_its_longest_row():
-    from experiments.bench_sampling import _row_steps_static
+    from experiments.tools.rollout_lengths import row_steps_static
 
     # Batches of 4 rows: [3, 9, 2, 2] runs 9 steps, [5, 1, 1, 1] runs 5: 4 * 9 + 4 * 5 row-steps.
-    assert _row_steps_static([3, 9, 2, 2, 5, 1, 1, 1], 4) == 56
+    assert row_steps_static([3, 9, 2, 2, 5, 1, 1, 1], 4) == 56
 
 
 @pytest.mark.slow

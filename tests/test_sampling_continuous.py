@@ -102,8 +102,7 @@ def test_groups_prefill_each_prompt_once_and_memory_is_bounded_by_slots(engines)
     continuous.generate(PROMPTS, cfg, 3)
     assert continuous.compile_count == before
     specs = [sig for sig in continuous.traces if sig[-1].decode.group_size == 2]
-    # 4 slots, and the drain's halvings (2, 1: rows still running when the queue is empty move to fewer slots)
-    assert {sig[-1].slots for sig in specs} == {4, 2, 1} and {sig[-1].cache_len for sig in specs} == {32 + BUDGET}
+    assert {sig[-1].slots for sig in specs} == {4} and {sig[-1].cache_len for sig in specs} == {32 + BUDGET}
     assert {sig[1][0] for sig in specs if sig[0] == "insert"} == {2, 1}  # first fill 2 prompts, refills 1
 
 
@@ -142,12 +141,15 @@ def test_the_schedule_model_replays_the_engine_and_the_drain_compacts(engines):
     and row-steps exactly; once the queue is empty the running rows move to fewer slots (row-steps < steps x 4)."""
     from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
 
-    _, _, continuous = engines
+    model, static, _ = engines
+    continuous = Sampler(model, pad_id=PAD, stop_token_ids=static.stop_token_ids, slots=16, refill_prompts=1)
     cfg = SamplingConfig(temperature=1.0, group_size=2, max_new_tokens=BUDGET, ignore_stop=True)
     budgets = np.random.default_rng(4).integers(1, BUDGET + 1, size=len(PROMPTS) * 2)
     out = continuous.generate(PROMPTS, cfg, jax.random.key(1), max_new_tokens=budgets)
     np.testing.assert_array_equal(out.lengths, budgets)
+    _assert_same(static.generate(PROMPTS, cfg, jax.random.key(1), max_new_tokens=budgets), out)
     stats = continuous._continuous.last_stats
-    assert simulate_continuous(budgets, RefillPolicy(4, 2, refill_prompts=1)) == (stats.decode_steps,
-                                                                                  stats.row_steps)
-    assert stats.compactions == 2 and stats.row_steps < stats.decode_steps * 4
+    assert simulate_continuous(budgets, RefillPolicy(16, 2, refill_prompts=1)) == (stats.decode_steps,
+                                                                                   stats.row_steps)
+    assert stats.compactions == 3 and stats.row_steps < stats.decode_steps * 16  # 16 -> 8 -> 4 -> 2 slots
+    assert {sig[-1].slots for sig in continuous.traces if sig[0] == "decode"} == {16, 8, 4, 2}

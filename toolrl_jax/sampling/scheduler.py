@@ -35,6 +35,9 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+MIN_DRAIN_SLOTS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class RefillPolicy:
     """When the continuous engine inserts prompts and how many: its scheduling decisions, kept apart from the
@@ -44,7 +47,8 @@ class RefillPolicy:
     are inserted `refill` at a time (default an eighth of the slots' prompts, at least one), padded to a multiple of
     the data-parallel size, and decode runs until that many groups of slots are free. Once the queue is empty the
     engine drains: whenever at most half of the current slots still run, they move into a state of half the size
-    (`continuous.compact`), down to `min_slots`, so the last, longest rows do not drag idle slots along."""
+    (`continuous.compact`), down to `min_slots` (from 16 slots up), so the last, longest rows do not drag idle
+    slots along."""
 
     slots: int
     group_size: int
@@ -53,7 +57,10 @@ class RefillPolicy:
 
     @property
     def min_slots(self) -> int:
-        """The smallest drain state (each halving compiles one more decode)."""
+        """The smallest drain state (each halving compiles one more decode and one compaction): an eighth of the
+        slots; no drain below MIN_DRAIN_SLOTS slots, where it would save too little to pay for its compiles."""
+        if self.slots < MIN_DRAIN_SLOTS:
+            return self.slots
         return _round_up(max(1, self.slots // 8), self.multiple)
 
     def can_halve(self, current: int) -> bool:
