@@ -56,7 +56,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from toolrl_jax.environments.execution import call_with_timeout, result_text
+from toolrl_jax.environments.execution import call_with_timeout, check_limits, result_text
 from toolrl_jax.environments.protocol import Environment, Outcome, Reset, Step, ToolCall, ToolResult
 from toolrl_jax.environments.synthetic import HERMES_SYSTEM
 from toolrl_jax.environments.tasks import task_lines
@@ -466,12 +466,8 @@ class BfclEnvironment(Environment):
             raise ValueError(f"unknown prompt_style {prompt_style!r}; expected one of {PROMPT_STYLES}")
         if reward not in REWARD_MODES:
             raise ValueError(f"unknown reward {reward!r}; expected one of {REWARD_MODES}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive or None, got {timeout_s!r}")
-        for label, value in (("max_steps_per_turn", max_steps_per_turn), ("max_timeouts", max_timeouts),
-                             ("max_result_chars", 1 if max_result_chars is None else max_result_chars)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{label} must be a positive int, got {value!r}")
+        check_limits(timeout_s, max_steps_per_turn=max_steps_per_turn, max_timeouts=max_timeouts,
+                     max_result_chars=1 if max_result_chars is None else max_result_chars)
         self.bfcl_dir = bfcl_dir
         self.prompt_style = prompt_style
         self.reward = reward

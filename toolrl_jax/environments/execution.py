@@ -99,6 +99,15 @@ def result_text(value: Any, max_chars: int) -> str:
     return text
 
 
+def check_limits(timeout_s: float | None, **counts: int) -> None:
+    """ValueError unless timeout_s is positive or None and every count a positive int (not a bool)."""
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive or None, got {timeout_s!r}")
+    for label, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+
+
 class ToolEnvironment(Environment):
     """An environment whose `step` runs its declared tools with the guarantees in this module's docstring.
 
@@ -115,12 +124,8 @@ class ToolEnvironment(Environment):
 
     def __init__(self, *, timeout_s: float | None = 5.0, max_calls_per_step: int = 8, max_calls: int = 32,
                  max_timeouts: int = 2, max_result_chars: int = 2000) -> None:
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive or None, got {timeout_s!r}")
-        for label, value in (("max_calls_per_step", max_calls_per_step), ("max_calls", max_calls),
-                             ("max_timeouts", max_timeouts), ("max_result_chars", max_result_chars)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive int, got {value!r}")
+        check_limits(timeout_s, max_calls_per_step=max_calls_per_step, max_calls=max_calls,
+                     max_timeouts=max_timeouts, max_result_chars=max_result_chars)
         self.timeout_s = timeout_s
         self.max_calls_per_step = max_calls_per_step
         self.max_calls = max_calls
