@@ -46,7 +46,14 @@ SCRIPT = textwrap.dedent("""
     for cfg in (greedy, sampled):
         got.append(continuous.generate(prompts, cfg, 3))
         assert continuous._continuous.last_stats.inserts >= 2, continuous._continuous.last_stats
-    for w, g in zip(want + want, got):
+    # 16 slots on the mesh: refills, then the drain's compactions (16 -> 8 -> 4 slots) gather sharded slot states.
+    drained = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=16, refill_prompts=2)
+    more = prompts * 2
+    want_more = single.generate(more, sampled, 3)
+    got_more = drained.generate(more, sampled, 3)
+    assert drained._continuous.last_stats.compactions >= 1, drained._continuous.last_stats
+    want, got = want + want + [want_more], got + [got_more]
+    for w, g in zip(want, got):
         np.testing.assert_array_equal(g.response_ids, w.response_ids)
         np.testing.assert_array_equal(g.lengths, w.lengths)
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
