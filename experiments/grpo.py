@@ -146,7 +146,10 @@ def load_environment_split(config: GRPOConfig) -> tuple[list, list, list]:
 
 
 def warmup_config(config: GRPOConfig):
-    """The SFTConfig of the supervised warm-up (--sft_warmup_*)."""
+    """The SFTConfig of the supervised warm-up (--sft_warmup_*). Single-turn prompts are capped at
+    --max_prompt_length, as in the rollouts; a multi-turn reference turn's prompt holds the earlier turns and their
+    results, which the rollouts keep in the response window, so it may use the whole window (cutting it from the left
+    would drop the system prompt and the tools)."""
     from toolrl_jax.training.sft import SFTConfig
 
     return SFTConfig(
@@ -154,8 +157,8 @@ def warmup_config(config: GRPOConfig):
         epochs=None, max_steps=FLAGS.sft_warmup_steps, batch_size=FLAGS.sft_warmup_batch_size,
         micro_batch_size=min(FLAGS.sft_warmup_batch_size, config.micro_batch_rows),
         max_length=config.max_prompt_length + config.max_response_length,
-        max_prompt_length=config.max_prompt_length, packing=True, seed=config.seed, log_every=1,
-        logits_chunk_size=256, max_consecutive_skips=config.optimizer.max_consecutive_skips)
+        max_prompt_length=None if config.multiturn else config.max_prompt_length, packing=True, seed=config.seed,
+        log_every=1, logits_chunk_size=256, max_consecutive_skips=config.optimizer.max_consecutive_skips)
 
 
 def _shape_settings(model_config, config: GRPOConfig) -> dict:

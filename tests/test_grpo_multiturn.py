@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
+from tests.conftest import REPO_ROOT
 from toolrl_jax.environments import make_tasks
 from toolrl_jax.environments.synthetic import reference_turns
 from toolrl_jax.models.hf_io import load_hf_model
@@ -267,3 +271,42 @@ def test_multiturn_step_on_a_mesh_equals_one_device(long_chat_model_dir):
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(long_chat_model_dir)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "MULTITURN_SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+_WARMUP = textwrap.dedent("""\
+    import json, sys
+    from absl import flags
+    import experiments.grpo as grpo
+    from toolrl_jax.tokenization import load_tokenizer
+    from toolrl_jax.training.sft_data import tokenize_examples
+    FLAGS, out = flags.FLAGS, []
+    tokenizer = load_tokenizer(sys.argv[2])
+    for argv in json.loads(sys.argv[1]):
+        FLAGS.unparse_flags()
+        FLAGS(["grpo", "--data=synthetic", "--synthetic_train_size=8", "--synthetic_val_size=2",
+               "--sft_warmup_steps=1", "--max_prompt_length=256", "--max_response_length=320", *argv])
+        config, _, warmup, _ = grpo.validate_flags()
+        if config.multiturn:
+            examples = grpo.load_environment_split(config)[2]
+        else:
+            examples = None
+        report = None
+        if examples:
+            report = tokenize_examples(tokenizer, examples, warmup.max_length, warmup.max_prompt_length)[1]
+        out.append({"cap": warmup.max_prompt_length, "examples": len(examples or []),
+                    "cut": None if report is None else report.num_truncated})
+    print(json.dumps(out))
+    """)
+
+
+def test_multiturn_warmup_keeps_the_whole_conversation(long_chat_model_dir):
+    """A later reference turn's prompt holds the earlier turns and their results (longer than --max_prompt_length);
+    the warm-up trains on it whole instead of cutting the system prompt and tools from its left, while single-turn
+    warm-ups keep the rollouts' prompt cap."""
+    argvs = [["--environment=synthetic", "--env_prompt_style=minimal", "--max_turns=4"], []]
+    proc = subprocess.run([sys.executable, "-c", _WARMUP, json.dumps(argvs), str(long_chat_model_dir)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multiturn, single = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert multiturn["cap"] is None and multiturn["examples"] > 8 and multiturn["cut"] == 0
+    assert single["cap"] == 256
