@@ -310,3 +310,11 @@ def test_multiturn_warmup_keeps_the_whole_conversation(long_chat_model_dir):
     multiturn, single = json.loads(proc.stdout.strip().splitlines()[-1])
     assert multiturn["cap"] is None and multiturn["examples"] > 8 and multiturn["cut"] == 0
     assert single["cap"] == 256
+
+
+def test_prompt_buckets_the_prefill_cannot_chunk_fail_at_start_up():
+    """A multi-turn conversation reaches the larger buckets only after the warm-up and some turns; a bucket the
+    prefill cannot split into whole chunks is refused when the config is built, naming the option."""
+    with pytest.raises(ValueError, match=r"GRPOConfig: SamplingConfig.prompt_length_buckets \[576\]"):
+        GRPOConfig(max_prompt_length=256, max_response_length=320, prompt_length_buckets=(256, 384, 576),
+                   environment="synthetic", max_turns=4, max_turn_tokens=72)

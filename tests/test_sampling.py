@@ -113,6 +113,10 @@ def test_buckets():
     assert batch_bucket(3, SamplingConfig(batch_buckets=(8, 16))) == 8
     assert batch_bucket(3, SamplingConfig(), multiple_of=8) == 8
     assert SamplingConfig(batch_buckets=(8, 16)).prompts_per_batch == 16
+    # Listed buckets a prompt could not be prefilled in whole chunks of are refused up front, not at that prompt.
+    with pytest.raises(ValueError, match=r"prompt_length_buckets \[576\] are longer than prefill_chunk \(512\)"):
+        SamplingConfig(prompt_length_buckets=(256, 384, 576))
+    assert SamplingConfig(prompt_length_buckets=(256, 384, 576), prefill_chunk=64).prefill_chunk == 64
 
 
 def test_bad_prompts_give_clear_errors(greedy_setup):

@@ -83,6 +83,11 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
         _check_buckets("prompt_length_buckets", self.prompt_length_buckets)
         _check_buckets("batch_buckets", self.batch_buckets)
+        if self.prefill_chunk is not None and self.prompt_length_buckets is not None:
+            uneven = [b for b in self.prompt_length_buckets if b > self.prefill_chunk and b % self.prefill_chunk]
+            if uneven:  # a prompt reaching such a bucket could not be prefilled in whole chunks
+                raise ValueError(f"SamplingConfig.prompt_length_buckets {uneven} are longer than prefill_chunk "
+                                 f"({self.prefill_chunk}) but not multiples of it")
 
     @property
     def greedy(self) -> bool:
