@@ -36,6 +36,7 @@ from toolrl_jax.rl.ppo import PolicyLossConfig, ValueLossConfig
 from toolrl_jax.run_identity import ResumeMismatchError
 from toolrl_jax.training.critic import CriticConfig
 from toolrl_jax.training.grpo import GRPOConfig
+from toolrl_jax.training.multiturn import TaskError
 from toolrl_jax.training.presets import ALGORITHM_PRESETS, preset_context, preset_fields
 from toolrl_jax.training.reward_shaping import check_component_weights
 from toolrl_jax.training.runs import ModelSource, run_grpo
@@ -117,9 +118,9 @@ def load_environment_split(config: GRPOConfig) -> tuple[list, list, list]:
     environment's train and held-out tasks (--synthetic_train_size / --synthetic_val_size, --seed); otherwise --data
     and --val_data are task files (JSONL). The warm-up examples are the training tasks' reference turns."""
     from toolrl_jax.environments import make_tasks, read_tasks
-    from toolrl_jax.training.multiturn import reference_examples, task_examples
+    from toolrl_jax.training.multiturn import environment_kwargs, reference_examples, task_examples
 
-    env_kwargs = {"prompt_style": config.env_prompt_style} if config.environment == "synthetic" else {}
+    env_kwargs = environment_kwargs(config.environment, config.env_prompt_style)
     try:
         if FLAGS.data == "synthetic":
             if config.environment != "synthetic":
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> None:
                  batching=batching, placement=placement, warmup=warmup, reward=reward, reward_pool=reward_pool,
                  shapes=_shape_settings(model_config, config), settings=_run_settings(config),
                  warmup_examples=warmup_examples)
-    except ResumeMismatchError as e:
+    except (ResumeMismatchError, TaskError) as e:
         raise app.UsageError(str(e)) from None
 
 

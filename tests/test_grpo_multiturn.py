@@ -84,7 +84,8 @@ class ScriptedSampler:
 
 
 def _scripted(folder, placement=None, **overrides) -> GRPOTrainer:
-    trainer = _trainer(folder, placement, **overrides)
+    # Scripts replace Sampler.generate, so turns must go through it rather than through KV-reusing sessions.
+    trainer = _trainer(folder, placement, **{"turn_kv_reuse": False, **overrides})
     trainer.sampler = ScriptedSampler(trainer.sampler, trainer.tokenizer)
     return trainer
 
@@ -318,3 +319,21 @@ def test_prompt_buckets_the_prefill_cannot_chunk_fail_at_start_up():
     with pytest.raises(ValueError, match=r"GRPOConfig: SamplingConfig.prompt_length_buckets \[576\]"):
         GRPOConfig(max_prompt_length=256, max_response_length=320, prompt_length_buckets=(256, 384, 576),
                    environment="synthetic", max_turns=4, max_turn_tokens=72)
+
+
+def test_tasks_whose_opening_prompt_is_too_long_are_refused_before_training(long_chat_model_dir):
+    """Held-out kinds expose more tools, so their prompts are longer than the training tasks'; a multi-turn prompt
+    is never cut, so such tasks are named at start-up, not at the first validation."""
+    from toolrl_jax.training.multiturn import TaskError, check_opening_prompts, opening_prompt_lengths
+
+    tokenizer = load_tokenizer(long_chat_model_dir)
+    kwargs = {"prompt_style": "minimal"}
+    val = task_examples(make_tasks("heldout", 8), "synthetic", "test", kwargs)
+    lengths = opening_prompt_lengths(val, "synthetic", tokenizer, kwargs)
+    want = [len(encode_chat(tokenizer, e.prompt_messages)) for e in val]  # ToolRL-style prompts: messages only
+    assert lengths == want and max(lengths) > min(lengths)
+    check_opening_prompts(val, "synthetic", tokenizer, max(lengths), "validation", kwargs)  # all fit: no error
+    too_long = [i for i, n in enumerate(lengths) if n > min(lengths)]
+    with pytest.raises(TaskError, match=rf"{len(too_long)} of 8 validation tasks have an opening prompt longer than "
+                                        rf"max_prompt_length={min(lengths)}: 'synthetic-heldout-0-{too_long[0]}'"):
+        check_opening_prompts(val, "synthetic", tokenizer, min(lengths), "validation", kwargs)

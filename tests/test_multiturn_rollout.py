@@ -565,29 +565,40 @@ def test_templates_that_do_not_write_the_turn_verbatim_are_detected(llama3, qwen
 
 
 def test_rollout_engines_give_the_same_trajectories(smol):
-    """Multi-turn rollouts through the continuous engine (2 slots, refilled) equal those through the static one."""
+    """Multi-turn rollouts through the continuous engine (2 slots, refilled), and through a session that keeps each
+    trajectory's KV cache between turns, equal those through the static engine re-prefilling every turn."""
     from flax import nnx
 
     from toolrl_jax.models.config import ModelConfig
     from toolrl_jax.models.decoder import CausalLM
     from toolrl_jax.sampling import Sampler, SamplingConfig
+    from toolrl_jax.sampling.sessions import SessionGenerator
     from toolrl_jax.tokenization import stop_token_ids
 
     config = ModelConfig.tiny("qwen2", vocab_size=len(smol), max_position_embeddings=1024)
     model = CausalLM(config, rngs=nnx.Rngs(0))
+    # A random model that often ends its turn with <|im_end|> (2): its malformed ToolRL turns get errors back and
+    # the trajectories continue, some for 3 turns, some cut at a turn's budget.
+    model.lm_head.kernel[...] = model.lm_head.kernel[...].at[:, 2].multiply(100.0)
     tasks = make_tasks("train", 3, seed=1) * 2
-    rollout = MultiTurnConfig(max_turns=3, max_total_tokens=64, max_new_tokens_per_turn=8)
+    rollout = MultiTurnConfig(max_turns=3, max_total_tokens=256, max_new_tokens_per_turn=8)
+    style = "toolrl"
     results = []
     for engine, slots in (("static", None), ("continuous", 2)):
         sampler = Sampler(model, pad_id=smol.pad_token_id, stop_token_ids=stop_token_ids(smol), tokenizer=smol,
                           engine=engine, slots=slots)
         generate = sampler_generate(sampler, SamplingConfig(max_new_tokens=8, temperature=1.0))
-        results.append(run_trajectories(generate, smol, _envs(6, "hermes"), tasks, rollout, jax.random.key(2)))
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a.response_ids, b.response_ids)
-        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
-        assert a.finish_reason == b.finish_reason and a.outcome == b.outcome
+        results.append(run_trajectories(generate, smol, _envs(6, style), tasks, rollout, jax.random.key(2)))
+    session = SessionGenerator(sampler, SamplingConfig(max_new_tokens=8, temperature=1.0))
+    results.append(run_trajectories(session, smol, _envs(6, style), tasks, rollout, jax.random.key(2)))
+    assert session.new_sessions == 1 and session.continued_calls >= 1  # later turns reused the first turn's caches
+    assert max(t.num_turns for t in results[0]) == 3 and min(t.num_turns for t in results[0]) < 3
+    for reference, *others in zip(*results):
+        for other in others:
+            np.testing.assert_array_equal(reference.response_ids, other.response_ids)
+            np.testing.assert_array_equal(reference.loss_mask, other.loss_mask)
+            np.testing.assert_allclose(reference.logprobs, other.logprobs, atol=1e-5, rtol=0)
+            assert reference.finish_reason == other.finish_reason and reference.outcome == other.outcome
 
 
 def test_a_multi_user_turn_task_continues_after_each_answer(smol):

@@ -58,9 +58,26 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_array_equal(g.lengths, w.lengths)
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
         np.testing.assert_array_equal(g.prompt_ids, w.prompt_ids)
+    # Multi-turn KV reuse on the mesh: a second turn continues the sharded session's cache and samples what the
+    # single-device static engine samples from the whole conversation.
+    from toolrl_jax.sampling.sessions import SessionGenerator
+    turn = SamplingConfig(temperature=1.0, top_k=40, max_new_tokens=6)
+    session = SessionGenerator(sharded, turn)
+    rows = [(i, 1) for i in range(len(prompts))]
+    conversation = prompts
+    for t in range(2):
+        outs = session(conversation, [6] * len(rows), jax.random.key(t), rows)
+        ref = single.generate(conversation, turn, jax.random.key(t), prompt_numbers=[r[0] for r in rows],
+                              sample_numbers=[r[1] for r in rows])
+        for i, o in enumerate(outs):
+            np.testing.assert_array_equal(o.token_ids, ref.response_ids[i, :ref.lengths[i]])
+            np.testing.assert_allclose(o.logprobs, ref.logprobs[i, :ref.lengths[i]], atol=1e-5)
+        conversation = [c + o.token_ids.tolist() + [7, 8] for c, o in zip(conversation, outs)]
+    assert (session.new_sessions, session.continued_calls) == (1, 1)
+    assert session.session.cache.keys[0].sharding.is_equivalent_to(sharded.sharding.kv(), 4)
     # The 5 prompts were padded to a batch of 8 (a multiple of the 4-way data parallelism), and the kernel's
     # outputs are batch-sharded across the mesh.
-    assert {sig[0] for sig in sharded.traces} == {(8, 32)}, sharded.traces
+    assert {sig[0] for sig in sharded.traces if sig[0] != "continue"} == {(8, 32)}, sharded.traces
     ids = np.zeros((8, 32), np.int32); seg = np.ones((8, 32), np.int32)
     out = sharded._generate(sharded._state, sharded._place(ids), sharded._place(seg),
                             sharded._place(np.arange(8, dtype=np.int32)), sharded._place(np.zeros(8, np.int32)),

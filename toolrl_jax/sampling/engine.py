@@ -100,13 +100,16 @@ def row_keys(key: jax.Array, prompt_index: jax.Array, sample_index: jax.Array) -
 
 
 def prefill(model: CausalLM, prompt_ids: jax.Array, prompt_segments: jax.Array, cache: KVCache,
-            chunk: Optional[int]) -> tuple[jax.Array, KVCache]:
+            chunk: Optional[int], position_offset: Optional[jax.Array] = None) -> tuple[jax.Array, KVCache]:
     """Runs the left-padded prompts through the model, filling `cache`; returns the last position's hidden [B, H].
 
     With `chunk` < P the prompt goes through in P / chunk pieces (a fori_loop that advances the cache index), so
     attention scores are [B, heads, chunk, P] instead of [B, heads, P, P]; the result is the same.
+    position_offset [B]: the tokens each row already has in `cache` (its new tokens continue from there).
     """
     positions = positions_from_segments(prompt_segments)
+    if position_offset is not None:
+        positions = positions + position_offset.astype(jnp.int32)[:, None]
     batch, length = prompt_ids.shape
     if chunk is None or length <= chunk:
         hidden, cache = model.hidden_states(prompt_ids, positions, prompt_segments, cache=cache)
@@ -153,7 +156,6 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
     model: CausalLM = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
     n, budget = spec.group_size, spec.max_new_tokens
-    rows = batch * n
 
     # Prefill each prompt once (in chunks when long); only the last position's logits are formed (left padding puts
     # every prompt's last token in the last column), never the [B, P, V] logits tensor. Dummy rows that pad the
@@ -172,6 +174,23 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         last_logits = jnp.repeat(last_logits, n, axis=0)
         prompt_lengths = jnp.repeat(prompt_lengths, n)
     keys = row_keys(key, prompt_index, sample_index)
+    out = decode_loop(model, cache, last_logits, prompt_lengths, keys, budgets, temperature, top_p, spec=spec,
+                      sharding=sharding)
+    del out["cache"]  # not an output: XLA keeps it inside the program
+    return out
+
+
+def decode_loop(model: CausalLM, cache: KVCache, last_logits: jax.Array, prompt_lengths: jax.Array, keys: jax.Array,
+                budgets: jax.Array, temperature: jax.Array, top_p: jax.Array, *, spec: DecodeSpec,
+                sharding: Optional[BatchSharding] = None) -> dict[str, jax.Array]:
+    """Samples each row's first token from `last_logits` [rows, V], then decodes in a `while_loop` until every row
+    has stopped or spent its budget (budgets [rows]; a row with budget 0 takes no part), writing the cache at its
+    shared index. Row r's token t is drawn with fold_in(keys[r], t); its previous token sits at position
+    prompt_lengths[r] + t - 1. A finished row's later cache columns get segment 0, so they are never attended to
+    (a session continues rows over the same cache, `sampling/sessions.py`): the cache then holds every row's prompt
+    and its generated tokens but the last. Returns tokens, logprobs (and tempered_logprobs), lengths, stopped, and
+    the cache."""
+    rows, budget = keys.shape[0], spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
 
     def choose(logits: jax.Array, step: jax.Array):
@@ -209,21 +228,21 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         logprobs=zeros_f,
         lengths=jnp.zeros((rows,), jnp.int32),
         stopped=jnp.zeros((rows,), bool),
-        done=jnp.zeros((rows,), bool),
+        done=budgets < 1,
     )
     if spec.tempered_logprobs:
         carry["tempered_logprobs"] = zeros_f
     carry = record(carry, choose(last_logits, jnp.zeros((), jnp.int32)), jnp.zeros((), jnp.int32))
-    ones = jnp.ones((rows, 1), jnp.int32)
 
     def cond(c: dict) -> jax.Array:
         return (c["step"] < budget) & ~jnp.all(c["done"])
 
     def body(c: dict) -> dict:
         step = c["step"]
-        # The previous token sits at position prompt_len + step - 1 and is written to cache slot P + step - 1.
+        # The previous token sits at position prompt_len + step - 1 and is written at the cache's index.
         positions = (prompt_lengths + step - 1)[:, None]
-        hidden, cache = model.hidden_states(c["last"][:, None], positions, ones, cache=c["cache"])
+        live = (~c["done"]).astype(jnp.int32)[:, None]
+        hidden, cache = model.hidden_states(c["last"][:, None], positions, live, cache=c["cache"])
         logits = _constrain(model.logits_from_hidden(hidden[:, 0]), sharding)
         out = record(c, choose(logits, step), step)
         out["cache"] = _constrain_cache(cache, sharding)
@@ -231,5 +250,6 @@ def generate_tokens(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Ar
         return out
 
     carry = jax.lax.while_loop(cond, body, carry)
-    names = ("tokens", "logprobs", "lengths", "stopped") + (("tempered_logprobs",) if spec.tempered_logprobs else ())
+    names = ("tokens", "logprobs", "lengths", "stopped", "cache") + \
+        (("tempered_logprobs",) if spec.tempered_logprobs else ())
     return {name: carry[name] for name in names}

@@ -42,14 +42,16 @@ from toolrl_jax.placement import Placement
 from toolrl_jax.rewards.config import RewardConfig
 from toolrl_jax.rewards.functions import CombinedReward, RewardResult
 from toolrl_jax.rl.ppo import PolicyLossConfig
-from toolrl_jax.sampling.config import SamplingConfig
+from toolrl_jax.sampling.config import SamplingConfig, prompt_length_bucket
 from toolrl_jax.sampling.sampler import ENGINES, SampleOutput, Sampler
+from toolrl_jax.sampling.sessions import SessionGenerator
 from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn
 from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.dynamic_sampling import DynamicBatch, sample_informative_groups
 from toolrl_jax.training.estimators import ESTIMATORS, GROUP_ESTIMATORS, AdvantageInputs, get_estimator
 from toolrl_jax.training.layout import RowLayout
 from toolrl_jax.training.multiturn import (
+    environment_kwargs,
     rollout_trajectories,
     score_trajectories,
     tasks_of,
@@ -144,6 +146,9 @@ class GRPOConfig:
         False, "Multi-turn: each turn's tokens get the advantage of its own reward-to-go (training/multiturn.py, "
                "turn_returns: what it changes and its bias) instead of the trajectory's.")
     tool_workers: int = option(8, "Multi-turn: host threads running the trajectories' tool calls.")
+    turn_kv_reuse: bool = option(
+        True, "Multi-turn: keep each trajectory's KV cache between its turns and prefill only the tokens a turn adds "
+              "(sampling/sessions.py; same tokens as re-prefilling the conversation every turn, which false does).")
     env_prompt_style: str = option("toolrl", "Multi-turn, synthetic environment: its prompt style.",
                                    choices=("toolrl", "compact", "minimal", "hermes"))
     rollout_engine: str = option(
@@ -407,6 +412,7 @@ class GRPOTrainer:
             self.ref_params = cast_floating(params, ref_dtype, copy=True)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer,
                                mesh=placement.mesh, engine=config.rollout_engine, slots=config.rollout_slots)
+        self._sessions: dict[SamplingConfig, SessionGenerator] = {}  # multi-turn KV reuse, one per turn sampling
         self.critic = None
         if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
             self.critic = Critic(model, config.critic, trainable_regex=trainable, placement=placement,
@@ -492,10 +498,21 @@ class GRPOTrainer:
         c = self.config
         tasks = tasks_of(ground_truths)
         rollout, sampling = self.multiturn_config(greedy)
-        env_kwargs = {"prompt_style": c.env_prompt_style} if c.environment == "synthetic" else {}
+        env_kwargs = environment_kwargs(c.environment, c.env_prompt_style)
         t0 = time.perf_counter()
-        trajectories = rollout_trajectories(self.sampler, self.tokenizer, c.environment, tasks, group_size, sampling,
-                                            rollout, key, env_kwargs)
+        session = None
+        if c.turn_kv_reuse:
+            session = self._sessions.get(sampling)
+            if session is None:  # columns: the first prompt's bucket, the trajectory, and each turn's chunk padding
+                width = prompt_length_bucket(c.max_prompt_length, self.sampling_config())
+                session = self._sessions[sampling] = SessionGenerator(
+                    self.sampler, sampling, cache_len=width + c.max_response_length + c.max_turns * 64)
+        try:
+            trajectories = rollout_trajectories(self.sampler, self.tokenizer, c.environment, tasks, group_size,
+                                                sampling, rollout, key, env_kwargs, generate=session)
+        finally:
+            if session is not None:
+                session.reset()  # the rollout's caches are not needed again (new weights next time)
         for i, trajectory in enumerate(trajectories[::group_size]):
             if len(trajectory.prompt_ids) > c.max_prompt_length:
                 raise ValueError(f"task {tasks[i].get('id', i)!r}: its opening prompt has {len(trajectory.prompt_ids)} "

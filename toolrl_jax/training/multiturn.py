@@ -24,7 +24,15 @@ import numpy as np
 from toolrl_jax.datasets.example import ToolRLExample
 from toolrl_jax.environments import make_environment
 from toolrl_jax.environments.synthetic import ground_truth_calls, reference_turns
-from toolrl_jax.multiturn import MultiTurnConfig, Trajectory, follow_up_messages, run_trajectories, sampler_generate
+from toolrl_jax.multiturn import (
+    GenerateFn,
+    IncrementalChat,
+    MultiTurnConfig,
+    Trajectory,
+    follow_up_messages,
+    run_trajectories,
+    sampler_generate,
+)
 from toolrl_jax.rewards.functions import RewardResult
 from toolrl_jax.sampling.config import SamplingConfig, prompt_length_bucket
 from toolrl_jax.sampling.sampler import SampleOutput
@@ -63,6 +71,41 @@ def task_examples(tasks: Sequence[dict], environment: str, split: str,
         env.close()
 
 
+def environment_kwargs(environment: str, prompt_style: str) -> dict[str, Any]:
+    """What `make_environment` needs besides the name: the synthetic environment's prompt style."""
+    return {"prompt_style": prompt_style} if environment == "synthetic" else {}
+
+
+def opening_prompt_lengths(examples: Sequence[ToolRLExample], environment: str, tokenizer: Any,
+                           env_kwargs: Optional[dict] = None) -> list[int]:
+    """The token count of each environment example's opening prompt, rendered as a rollout renders it (the
+    environment's reset messages, with its tool specs for Hermes-style prompts)."""
+    env = make_environment(environment, **(env_kwargs or {}))
+    try:
+        lengths = []
+        for example in examples:
+            reset = env.reset(tasks_of([example.ground_truth])[0])
+            chat = IncrementalChat(tokenizer, tuple(reset.tools) if reset.call_format == "hermes" and reset.tools
+                                   else None)
+            lengths.append(len(chat.encode(chat.prompt_text(reset.messages))))
+        return lengths
+    finally:
+        env.close()
+
+
+def check_opening_prompts(examples: Sequence[ToolRLExample], environment: str, tokenizer: Any, max_prompt_length: int,
+                          what: str, env_kwargs: Optional[dict] = None) -> None:
+    """Refuses, before any training, tasks whose opening prompt is longer than max_prompt_length (a multi-turn prompt
+    is never cut: cutting would drop the system prompt or the request); the error names the first such tasks."""
+    lengths = opening_prompt_lengths(examples, environment, tokenizer, env_kwargs)
+    long = [(example, n) for example, n in zip(examples, lengths) if n > max_prompt_length]
+    if long:
+        names = ", ".join(f"{tasks_of([e.ground_truth])[0].get('id', e.index)!r} ({n} tokens)" for e, n in long[:5])
+        raise TaskError(f"{len(long)} of {len(examples)} {what} tasks have an opening prompt longer than "
+                        f"max_prompt_length={max_prompt_length}: {names}; the longest has {max(lengths)} tokens. Raise "
+                        "--max_prompt_length (and its prompt bucket) or shorten those tasks")
+
+
 def reference_examples(tasks: Sequence[dict], environment: str, env_kwargs: Optional[dict] = None
                        ) -> list[ToolRLExample]:
     """Supervised warm-up examples from the tasks' reference trajectories: for each reference turn, the
@@ -95,15 +138,18 @@ def reference_examples(tasks: Sequence[dict], environment: str, env_kwargs: Opti
 
 def rollout_trajectories(sampler: Any, tokenizer: Any, environment: str, tasks: Sequence[dict], group_size: int,
                          sampling: SamplingConfig, config: MultiTurnConfig, key: Any,
-                         env_kwargs: Optional[dict] = None) -> list[Trajectory]:
-    """group_size trajectories per task (prompt-major, one fresh environment each), through `sampler`; trajectory
-    (task i, sample s) is keyed as row (i, s) of a grouped `Sampler.generate`, so a rollout that ends after one turn
-    samples exactly what the single-turn rollout does."""
+                         env_kwargs: Optional[dict] = None, generate: Optional[GenerateFn] = None
+                         ) -> list[Trajectory]:
+    """group_size trajectories per task (prompt-major, one fresh environment each), through `generate` (default:
+    `Sampler.generate` on each turn's whole conversation; a `sampling.sessions.SessionGenerator` keeps the KV caches
+    between turns); trajectory (task i, sample s) is keyed as row (i, s) of a grouped `Sampler.generate`, so a
+    rollout that ends after one turn samples exactly what the single-turn rollout does."""
     examples = [task for task in tasks for _ in range(group_size)]
     rows = [(i, s) for i in range(len(tasks)) for s in range(group_size)]
     envs = [make_environment(environment, **(env_kwargs or {})) for _ in examples]
     try:
-        return run_trajectories(sampler_generate(sampler, sampling), tokenizer, envs, examples, config, key, rows)
+        generate = generate or sampler_generate(sampler, sampling)
+        return run_trajectories(generate, tokenizer, envs, examples, config, key, rows)
     finally:
         for env in envs:
             env.close()

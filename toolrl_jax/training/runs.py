@@ -31,6 +31,7 @@ from toolrl_jax.tokenization import stop_token_ids
 from toolrl_jax.training.dynamic_sampling import trained_groups
 from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer, StepResult
 from toolrl_jax.training.loop import StepOutput, StepRecord, TrainLoop
+from toolrl_jax.training.multiturn import check_opening_prompts, environment_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,11 @@ def run_grpo(source: ModelSource, config: GRPOConfig, run: RunConfig, *, train: 
     resuming = run.resuming()
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     check_identity(run, source, resuming, dict(shapes), dict(settings))
+    if config.multiturn:  # before the warm-up: a task that cannot roll out must not fail at a later step
+        kwargs = environment_kwargs(config.environment, config.env_prompt_style)
+        for examples, what in ((train, "training"), (val, "validation")):
+            check_opening_prompts(examples, config.environment, source.tokenizer, config.max_prompt_length, what,
+                                  kwargs)
     model = source.model
     if warmup is not None:
         model = sft_warmup(source, train if warmup_examples is None else warmup_examples, warmup, run.run_dir,
