@@ -95,4 +95,5 @@ def test_multiturn_run_from_the_command_line_resumes_exactly(tiny_chat_model_dir
     for step in (1, 2, 3):
         assert a[step] == b[step], step
         assert a[step]["multiturn/turns_per_trajectory"] >= 1 and "reward/env/success" in a[step]
+        assert a[step]["multiturn/kv_sessions"] >= 1 and a[step]["multiturn/prefill_tokens"] > 0
     assert "val/multiturn/success_rate" in a[3] and "val/env/reward" in a[0]

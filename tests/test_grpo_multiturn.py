@@ -95,6 +95,8 @@ def test_multiturn_rows_train_model_tokens_only(long_chat_model_dir):
     the environment's verdict and the per-turn ToolRL reward make the rewards; a tool-result token's advantage and
     old log-prob do not touch the update (garbage there leaves the new parameters bit-identical)."""
     trainer = _scripted(long_chat_model_dir)
+    # One turn's call holds the step's 2 tasks x 4 trajectories (the continuous engine's slots), not 2 per call.
+    assert trainer.multiturn_config()[1].prompts_per_batch == 8
     rollout, rewards, _, _ = trainer.rollout_stage([], TRUTHS, jax.random.key(0), 1, None)
     samples = rollout.samples
     tool = samples.response_attention.astype(bool) & ~samples.response_mask.astype(bool)

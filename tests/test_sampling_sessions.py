@@ -106,8 +106,10 @@ def test_new_sessions_when_reuse_would_be_wrong(sharp):
     grown = [p + g.token_ids.tolist() + [5] for p, g in zip(PROMPTS, got)]
     _same(small(grown, budgets, key, ROWS), _full(sampler, grown, cfg, key, budgets, ROWS))
     assert (small.new_sessions, small.continued_calls) == (2, 0)
-    with pytest.raises(ValueError, match="cache_len 40 cannot hold a 32-token prompt bucket"):
-        SessionGenerator(sampler, cfg, cache_len=40)(PROMPTS, budgets, key, ROWS)
+    # A cache too short even for the first prompt: that session gets a longer one.
+    tight = SessionGenerator(sampler, cfg, cache_len=40)
+    _same(tight(PROMPTS, budgets, key, ROWS), _full(sampler, PROMPTS, cfg, key, budgets, ROWS))
+    assert tight.session.cache_len >= 32 + BUDGET
 
 
 def test_no_recompiles_across_turns_and_sessions(sharp):
@@ -118,7 +120,46 @@ def test_no_recompiles_across_turns_and_sessions(sharp):
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=BUDGET)
     session = SessionGenerator(sampler, cfg)
     _conversation(sampler, session, cfg, 3, np.random.default_rng(3))
-    traces = {sig: n for sig, n in sampler.traces.items() if sig[0] == "continue"}
+    traces = {sig: n for sig, n in sampler.traces.items() if sig[0] in ("start", "continue")}
     _conversation(sampler, SessionGenerator(sampler, cfg), cfg, 3, np.random.default_rng(3))
-    assert {sig: n for sig, n in sampler.traces.items() if sig[0] == "continue"} == traces
-    assert all(n == 1 for n in traces.values()) and len(traces) >= 2
+    assert {sig: n for sig, n in sampler.traces.items() if sig[0] in ("start", "continue")} == traces
+    assert all(n == 1 for n in traces.values()) and {sig[0] for sig in traces} == {"start", "continue"}
+
+
+def test_bench_multiturn_smoke(tmp_path):
+    """experiments/bench_multiturn.py on a tiny model: every generator samples the same tokens, none recompiles in
+    the timed rollouts, and the session prefills fewer prompt tokens than re-prefilling."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench_multiturn", "--model=tiny", "--trajectories=4",
+                           "--group_size=2", "--turns=3", "--prompt_len=16", "--turn_tokens=8", "--turn_mean=5",
+                           "--result_mean=4", "--repeats=1", f"--json_out={out}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["generators"]
+    assert set(figures) == {"session", "continuous", "static"}
+    assert all(g["same_tokens_as_first"] and not g["recompiled"] for g in figures.values())
+    assert figures["session"]["prefilled_tokens"] < figures["static"]["prefilled_tokens"]
+
+
+def test_a_group_shares_its_opening_prefill(sharp):
+    """Trajectories of one task start from the same prompt: a new session prefills it once and copies its cache
+    rows, and every row still samples what a full re-prefill samples."""
+    _, sampler = sharp
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=BUDGET)
+    session = SessionGenerator(sampler, cfg)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    rows = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    key = jax.random.key(4)
+    got = session(prompts, [BUDGET] * 6, key, rows)
+    _same(got, _full(sampler, prompts, cfg, key, [BUDGET] * 6, rows))
+    assert session.prefill_tokens == 2 * 32  # two distinct prompts in their 32-token bucket, not 8 rows
+    assert not np.array_equal(got[0].token_ids, got[1].token_ids)  # the samples of a group still differ
+    grown = [p + g.token_ids.tolist() + [9] for p, g in zip(prompts, got)]
+    _same(session(grown, [BUDGET] * 6, key, rows), _full(sampler, grown, cfg, key, [BUDGET] * 6, rows))
+    assert session.continued_calls == 1

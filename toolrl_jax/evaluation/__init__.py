@@ -17,7 +17,19 @@ from toolrl_jax.evaluation.judge import LlmJudge
 from toolrl_jax.evaluation.parsing import ToolCall, parse_tool_calls, parse_turn
 from toolrl_jax.evaluation.prompts import PromptSet
 from toolrl_jax.evaluation.search import BM25Search, HttpSearch, SearchBackend, SerperSearch, WebSearch
-from toolrl_jax.evaluation.suite import BENCHMARKS, EvalConfig, run_evaluation
+
+_SUITE_NAMES = ("BENCHMARKS", "EvalConfig", "run_evaluation")
+
+
+def __getattr__(name: str):
+    """The suite's names, imported on first use: the suite runs multi-turn environments, whose package imports
+    evaluation modules (BFCL's checkers), so an eager import here would be circular (PEP 562)."""
+    if name in _SUITE_NAMES:
+        from toolrl_jax.evaluation import suite
+
+        return getattr(suite, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BENCHMARKS", "BM25Search", "Completion", "EvalConfig", "FunctionGenerator", "GenerationLimits", "Generator",

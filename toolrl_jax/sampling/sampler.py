@@ -27,7 +27,7 @@ from toolrl_jax.models.decoder import CausalLM, cast_floating
 from toolrl_jax.sampling.config import SamplingConfig, batch_bucket, prompt_length_bucket
 from toolrl_jax.sampling.engine import BatchSharding, DecodeSpec, generate_tokens
 from toolrl_jax.sampling.scheduler import ContinuousEngine, to_numpy
-from toolrl_jax.sampling.sessions import continue_rows
+from toolrl_jax.sampling.sessions import continue_rows, start_rows
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 ENGINES = ("continuous", "static")
@@ -136,7 +136,10 @@ class Sampler:
             functools.partial(generate_tokens, self._graphdef, sharding=self.sharding, on_trace=self._count),
             static_argnames=("spec",))
         self._continuous = ContinuousEngine(self._graphdef, self.config, self.sharding, self._place, self._count)
-        # The kernel of multi-turn sessions (`sessions.SessionGenerator`), shared by every session of this sampler.
+        # The kernels of multi-turn sessions (`sessions.SessionGenerator`), shared by every session of this sampler.
+        self._start_rows = jax.jit(
+            functools.partial(start_rows, self._graphdef, sharding=self.sharding, on_trace=self._count),
+            static_argnames=("spec", "cache_len"))
         self._continue_rows = jax.jit(
             functools.partial(continue_rows, self._graphdef, sharding=self.sharding, on_trace=self._count),
             static_argnames=("spec",), donate_argnames=("cache",))

@@ -81,17 +81,47 @@ def continue_rows(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, cach
                        sharding=sharding)
 
 
+def start_rows(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array, prompt_segments: jax.Array,
+               source: jax.Array, prompt_index: jax.Array, sample_index: jax.Array, budgets: jax.Array, key: jax.Array,
+               temperature: jax.Array, top_p: jax.Array, *, spec: DecodeSpec, cache_len: int,
+               sharding: Optional[BatchSharding] = None, on_trace: Optional[Callable[[tuple], None]] = None
+               ) -> dict[str, Any]:
+    """A new session: prefills U distinct left-padded prompts [U, P] once, copies prompt source[b] into cache row b
+    of a [B, cache_len] cache (a GRPO group's trajectories share one opening prompt, as the static engine's samples
+    do), and samples one response per row as `continue_rows` does. Returns its outputs and the new cache."""
+    if on_trace is not None:
+        on_trace(("start", prompt_ids.shape, source.shape, cache_len, spec))
+    chex.assert_rank([prompt_ids, prompt_segments, source, prompt_index, sample_index, budgets], [2, 2, 1, 1, 1, 1])
+    chex.assert_equal_shape([prompt_ids, prompt_segments])
+    chex.assert_shape([prompt_index, sample_index, budgets], source.shape)
+    model: CausalLM = nnx.merge(graphdef, state)
+    segments = _constrain(prompt_segments.astype(jnp.int32), sharding)
+    distinct, width = prompt_ids.shape
+    cache = _constrain_cache(init_cache(model.config, distinct, cache_len, spec.cache_dtype), sharding)
+    last_hidden, cache = prefill(model, _constrain(prompt_ids.astype(jnp.int32), sharding), segments, cache,
+                                 spec.prefill_chunk)
+    cache = KVCache(keys=tuple(k[source] for k in cache.keys), values=tuple(v[source] for v in cache.values),
+                    segment_ids=cache.segment_ids[source], index=cache.index, positions=cache.positions[source])
+    last_logits = model.logits_from_hidden(last_hidden)[source]
+    lengths = jnp.sum(segments != 0, axis=1).astype(jnp.int32)[source]
+    keys = row_keys(key, prompt_index, sample_index)
+    return decode_loop(model, _constrain_cache(cache, sharding), last_logits, lengths, keys,
+                       _constrain(budgets.astype(jnp.int32), sharding), temperature, top_p, spec=spec,
+                       sharding=sharding)
+
+
 @dataclasses.dataclass
 class Session:
     """One rollout's cache: `rows` (the callers' row ids, in cache-row order), the tokens each row's cache holds,
-    the cache itself (None while a kernel has it, and after one failed), its write index, and the weights it was
-    computed with."""
+    the cache itself (None while a kernel has it, and after one failed), its write index, the weights it was
+    computed with, and its length."""
 
     rows: tuple[tuple[int, int], ...]
     cached: list[list[int]]
     cache: Optional[KVCache]
     index: int
     weights: Any
+    cache_len: int
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,7 +140,8 @@ class SessionGenerator:
     config: the sampling settings (group size 1; its max_new_tokens is the response width of every call, as in
     `multiturn.generation.sampler_generate`). cache_len: columns of a session's cache; each call uses the width of
     its padded chunk plus its decode steps, and a call that would not fit starts a new session (so it bounds memory,
-    never results). Default: the first prompt's bucket plus 4 turns of max_new_tokens and a 64-token chunk each.
+    never results; a restart whose prompts would not fit gets a longer cache). Default: the first prompt's bucket
+    plus 4 turns of max_new_tokens and a 64-token chunk each.
     Statistics: `prefill_tokens` (padded chunk tokens run through the model), `new_sessions`, `continued_calls`.
     """
 
@@ -161,21 +192,71 @@ class SessionGenerator:
 
     def _new_session(self, prompts: list[np.ndarray], rows: list[tuple[int, int]]) -> Session:
         multiple = self.sampler.sharding.data_parallel_size if self.sampler.sharding else 1
-        batch = -(-next_power_of_two(len(rows)) // multiple) * multiple
+        batch = _round_up(next_power_of_two(len(rows)), multiple)
         width = self._chunk_width([p.size for p in prompts], fresh=True)
+        budget = self.config.max_new_tokens
         if self.cache_len is None:  # fixed from the first session on, so the kernels' shapes stay the same
-            self.cache_len = width + 4 * (self.config.max_new_tokens + 64)
+            self.cache_len = width + 4 * (budget + 64)
         cache_len = self.cache_len
-        if width + self.config.max_new_tokens > cache_len:
-            raise ValueError(f"SessionGenerator.cache_len {cache_len} cannot hold a {width}-token prompt bucket and "
-                             f"{self.config.max_new_tokens} new tokens")
-        cache = init_cache(self.sampler.config, batch, cache_len, self.sampler.cache_dtype)
-        if self.sampler.sharding is not None:
-            cache = jax.device_put(cache, _cache_shardings(cache, self.sampler.sharding))
+        if width + budget > cache_len:  # a restart from long conversations: a longer cache (one more compile)
+            cache_len = width + 2 * (budget + 64)
         dummies = [(-1, -1 - i) for i in range(batch - len(rows))]  # never requested: they only pad the batch
         self.new_sessions += 1
-        return Session(rows=tuple(rows) + tuple(dummies), cached=[[] for _ in range(batch)], cache=cache, index=0,
-                       weights=self.sampler._state)
+        return Session(rows=tuple(rows) + tuple(dummies), cached=[[] for _ in range(batch)], cache=None, index=0,
+                       weights=self.sampler._state, cache_len=cache_len)
+
+    def _row_arrays(self, places: list[int], rows: list[tuple[int, int]], budgets: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Budgets and key numbers per cache row (rows not asked for: budget 0)."""
+        batch = len(self.session.rows)
+        row_budgets, prompt_numbers, sample_numbers = (np.zeros((batch,), np.int32) for _ in range(3))
+        for place, budget, (p, s) in zip(places, budgets, rows):
+            row_budgets[place], prompt_numbers[place], sample_numbers[place] = budget, p, s
+        return row_budgets, prompt_numbers, sample_numbers
+
+    def _start(self, prompts: list[np.ndarray], rows: list[tuple[int, int]], budgets: np.ndarray, key: jax.Array
+               ) -> dict[str, Any]:
+        """A new session: each distinct prompt prefilled once, copied to its rows."""
+        sampler, config = self.sampler, self.config
+        self.session = None  # frees the old cache before the new one is allocated
+        session = self.session = self._new_session(prompts, rows)
+        batch, width = len(session.rows), self._chunk_width([p.size for p in prompts], fresh=True)
+        distinct: dict[tuple[int, ...], int] = {}
+        source = np.zeros((batch,), np.int32)  # dummy rows copy prompt 0 (with budget 0, they never decode)
+        for place, prompt in enumerate(prompts):
+            source[place] = distinct.setdefault(tuple(prompt.tolist()), len(distinct))
+        multiple = sampler.sharding.data_parallel_size if sampler.sharding else 1
+        count = _round_up(next_power_of_two(len(distinct)), multiple)
+        ids = np.full((count, width), sampler.pad_id, np.int32)
+        segments = np.zeros((count, width), np.int32)
+        for prompt, i in distinct.items():
+            ids[i, width - len(prompt):], segments[i, width - len(prompt):] = prompt, 1
+        self.prefill_tokens += count * width
+        row_budgets, prompt_numbers, sample_numbers = self._row_arrays(list(range(len(rows))), rows, budgets)
+        place = sampler._place
+        return sampler._start_rows(sampler._state, place(ids), place(segments), place(source), place(prompt_numbers),
+                                   place(sample_numbers), place(row_budgets), key, np.float32(config.temperature),
+                                   np.float32(config.top_p), spec=self._spec(), cache_len=session.cache_len)
+
+    def _continue(self, prompts: list[np.ndarray], places: list[int], rows: list[tuple[int, int]],
+                  budgets: np.ndarray, key: jax.Array, width: int) -> dict[str, Any]:
+        """The session's rows `places` continue with the tokens their prompts add."""
+        sampler, config, session = self.sampler, self.config, self.session
+        batch = len(session.rows)
+        chunk = np.full((batch, width), sampler.pad_id, np.int32)
+        segments = np.zeros((batch, width), np.int32)
+        for prompt, place in zip(prompts, places):
+            new = prompt[len(session.cached[place]):]
+            chunk[place, width - new.size:], segments[place, width - new.size:] = new, 1
+        cached_lengths = np.array([len(c) for c in session.cached], np.int32)
+        row_budgets, prompt_numbers, sample_numbers = self._row_arrays(places, rows, budgets)
+        self.prefill_tokens += batch * width
+        self.continued_calls += 1
+        cache, session.cache = session.cache, None  # donated: unusable if the kernel fails
+        return sampler._continue_rows(sampler._state, cache, sampler._place(cached_lengths), sampler._place(chunk),
+                                      sampler._place(segments), sampler._place(prompt_numbers),
+                                      sampler._place(sample_numbers), sampler._place(row_budgets), key,
+                                      np.float32(config.temperature), np.float32(config.top_p), spec=self._spec())
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: list[int], key: jax.Array,
                  rows: list[tuple[int, int]]) -> list[SessionGeneration]:
@@ -185,42 +266,22 @@ class SessionGenerator:
         rows = [tuple(int(x) for x in row) for row in rows]
         if len(rows) != len(prompts):
             raise ValueError(f"{len(rows)} row ids for {len(prompts)} prompts")
-        places = self._continuable(prompts, rows)
-        fresh = places is None
-        if not fresh:
-            width = self._chunk_width([p.size - len(self.session.cached[i]) for p, i in zip(prompts, places)], False)
-            if self.session.index + width + config.max_new_tokens > self.session.cache.segment_ids.shape[1]:
-                fresh = True
-        if fresh:
-            self.session = None  # frees the old cache before the new one is allocated
-            self.session = self._new_session(prompts, rows)
-            places = list(range(len(rows)))
-            width = self._chunk_width([p.size for p in prompts], fresh=True)
-        else:
-            self.continued_calls += 1
-        session = self.session
-        batch = len(session.rows)
-        chunk = np.full((batch, width), sampler.pad_id, np.int32)
-        segments = np.zeros((batch, width), np.int32)
-        cached_lengths = np.array([len(c) for c in session.cached], np.int32)
-        row_budgets = np.zeros((batch,), np.int32)
-        prompt_numbers = np.zeros((batch,), np.int32)
-        sample_numbers = np.zeros((batch,), np.int32)
-        for prompt, place, budget, (p, s) in zip(prompts, places, budgets, rows):
-            new = prompt[len(session.cached[place]):]
-            chunk[place, width - new.size:] = new
-            segments[place, width - new.size:] = 1
-            row_budgets[place], prompt_numbers[place], sample_numbers[place] = budget, p, s
         key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
-        cache, session.cache = session.cache, None  # donated: unusable if the kernel fails
-        out = sampler._continue_rows(sampler._state, cache, sampler._place(cached_lengths), sampler._place(chunk),
-                           sampler._place(segments), sampler._place(prompt_numbers), sampler._place(sample_numbers),
-                           sampler._place(row_budgets), key, np.float32(config.temperature),
-                           np.float32(config.top_p), spec=self._spec())
+        places = self._continuable(prompts, rows)
+        width = None
+        if places is not None:
+            width = self._chunk_width([p.size - len(self.session.cached[i]) for p, i in zip(prompts, places)], False)
+            if self.session.index + width + config.max_new_tokens > self.session.cache_len:
+                places = None  # no room for this turn: start over from the whole prompts
+        if places is None:
+            places = list(range(len(rows)))
+            out = self._start(prompts, rows, budgets, key)
+        else:
+            out = self._continue(prompts, places, rows, budgets, key, width)
+        session = self.session
         session.cache = out.pop("cache")
-        got = {name: to_numpy(value) for name, value in out.items()}
-        self.prefill_tokens += batch * width
         session.index = int(session.cache.index)
+        got = {name: to_numpy(value) for name, value in out.items()}
         generations = []
         for prompt, place in zip(prompts, places):
             n = int(got["lengths"][place])
@@ -235,7 +296,5 @@ class SessionGenerator:
         return generations
 
 
-def _cache_shardings(cache: KVCache, sharding: BatchSharding) -> KVCache:
-    kv, rows = sharding.kv(), sharding.batch(2)
-    return KVCache(keys=tuple(kv for _ in cache.keys), values=tuple(kv for _ in cache.values), segment_ids=rows,
-                   index=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()), positions=rows)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

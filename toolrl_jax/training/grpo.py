@@ -413,6 +413,7 @@ class GRPOTrainer:
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer,
                                mesh=placement.mesh, engine=config.rollout_engine, slots=config.rollout_slots)
         self._sessions: dict[SamplingConfig, SessionGenerator] = {}  # multi-turn KV reuse, one per turn sampling
+        self.kv_metrics: dict[str, float] = {}  # the last multi-turn rollout's sessions and prefilled tokens
         self.critic = None
         if config.algorithm == "ppo":  # initialised from the policy's weights (copied) plus a value head
             self.critic = Critic(model, config.critic, trainable_regex=trainable, placement=placement,
@@ -489,7 +490,11 @@ class GRPOTrainer:
         turn_tokens = c.max_turn_tokens or c.max_response_length
         rollout = MultiTurnConfig(max_turns=c.max_turns, max_total_tokens=c.max_response_length,
                                   max_new_tokens_per_turn=turn_tokens, tool_workers=c.tool_workers)
-        return rollout, dataclasses.replace(self.sampling_config(greedy, turn_tokens), group_size=1)
+        sampling = self.sampling_config(greedy, turn_tokens)
+        # A group's trajectories are separate prompts here, so a call holds prompts_per_batch x group_size of them
+        # (the rows, and the continuous engine's slots, of one single-turn call).
+        return rollout, dataclasses.replace(sampling, group_size=1,
+                                            max_prompts_per_batch=sampling.prompts_per_batch * sampling.group_size)
 
     def multiturn_rollout(self, ground_truths: Sequence[str], key: jax.Array, step: int, group_size: int,
                           greedy: bool = False) -> tuple[SampleOutput, list, RewardResult, list, float, float]:
@@ -507,12 +512,16 @@ class GRPOTrainer:
                 width = prompt_length_bucket(c.max_prompt_length, self.sampling_config())
                 session = self._sessions[sampling] = SessionGenerator(
                     self.sampler, sampling, cache_len=width + c.max_response_length + c.max_turns * 64)
+        before = (session.new_sessions, session.prefill_tokens) if session is not None else (0, 0)
         try:
             trajectories = rollout_trajectories(self.sampler, self.tokenizer, c.environment, tasks, group_size,
                                                 sampling, rollout, key, env_kwargs, generate=session)
         finally:
             if session is not None:
                 session.reset()  # the rollout's caches are not needed again (new weights next time)
+        if session is not None:  # 1 session = every turn reused the caches (a restart re-prefills everything)
+            self.kv_metrics = {"multiturn/kv_sessions": float(session.new_sessions - before[0]),
+                               "multiturn/prefill_tokens": float(session.prefill_tokens - before[1])}
         for i, trajectory in enumerate(trajectories[::group_size]):
             if len(trajectory.prompt_ids) > c.max_prompt_length:
                 raise ValueError(f"task {tasks[i].get('id', i)!r}: its opening prompt has {len(trajectory.prompt_ids)} "
@@ -576,6 +585,8 @@ class GRPOTrainer:
         metrics.update(row_metrics, **(drawn.metrics if drawn else {}))
         if rollout.trajectories is not None:
             metrics.update(trajectory_metrics(rollout.trajectories))
+            if c.turn_kv_reuse:
+                metrics.update(self.kv_metrics)
         if not np.isfinite(metrics["actor/actor_loss"]):
             raise TrainingDivergedError(f"GRPO step {step}: non-finite actor loss {metrics['actor/actor_loss']} "
                                         f"(grad_norm {metrics.get('actor/grad_norm')}); the run stops and nothing "
