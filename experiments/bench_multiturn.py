@@ -11,7 +11,8 @@ prompt (groups of --group_size share it, as GRPO's do); on each of --turns turns
 then gets m_ti 'tool result' tokens appended (log-normal, mean --result_mean): the shape of the synthetic
 environment's trajectories (reference turns ~50 tokens, results ~25). Each generator runs the whole rollout once to
 compile, then --repeats times timed. Reported per generator: median wall time of a rollout, useful (generated)
-tokens/s, padded prompt tokens prefilled, and whether its tokens equal the first generator's (same keys).
+tokens/s, padded prompt tokens prefilled, whether its tokens equal the first generator's (same keys), and for the
+session the sessions per rollout (1: every turn continued the first turn's caches).
 """
 from __future__ import annotations
 
@@ -98,14 +99,17 @@ def main(argv: list[str]) -> None:
         sampler = Sampler(model, pad_id=0, engine="static" if name == "static" else "continuous",
                           slots=_TRAJ.value)
         if name == "session":
-            generate = SessionGenerator(sampler, cfg, cache_len=prompt_length_bucket(_PROMPT.value, cfg) + _TURNS.value
-                                        * (_TURN_TOKENS.value + 256))
+            # The trainer's rule (GRPOTrainer.multiturn_rollout): the prompt bucket, the longest response, and a
+            # 64-token chunk per turn.
+            generate = SessionGenerator(sampler, cfg, cache_len=prompt_length_bucket(_PROMPT.value, cfg) + longest
+                                        - _PROMPT.value + 64 * _TURNS.value)
         else:
             generate = sampler_generate(sampler, cfg)
         start = time.perf_counter()
         tokens = rollout(generate, prompts, generated, results)  # compiles every shape the timed rollouts use
         warmup = time.perf_counter() - start
         compiles, times = sampler.compile_count, []
+        sessions_before = getattr(generate, "new_sessions", 0)
         for _ in range(_REPEATS.value):
             if name == "session":
                 generate.reset()
@@ -114,8 +118,10 @@ def main(argv: list[str]) -> None:
             rollout(generate, prompts, generated, results)
             times.append(time.perf_counter() - start)
         seconds = float(np.median(times))
+        extra = {}
         if name == "session":
             prefilled = generate.prefill_tokens
+            extra["sessions_per_rollout"] = (generate.new_sessions - sessions_before) / _REPEATS.value
         else:  # every turn re-prefills each conversation, padded to its prompt bucket
             prefilled, grown = 0, np.asarray([len(p) for p in prompts])
             for turn in range(_TURNS.value):
@@ -126,7 +132,7 @@ def main(argv: list[str]) -> None:
         figures["generators"][name] = {
             "seconds": seconds, "warmup_s": warmup, "useful_tokens_per_s": int(generated.sum()) / seconds,
             "prefilled_tokens": int(prefilled), "recompiled": sampler.compile_count != compiles,
-            "same_tokens_as_first": bool(same)}
+            "same_tokens_as_first": bool(same), **extra}
         print(f"{name:>10}: {seconds:7.2f} s per rollout  {int(generated.sum()) / seconds:7.1f} useful tok/s  "
               f"{prefilled:7d} prompt tokens prefilled  same tokens: {same}", flush=True)
     with open(_JSON.value, "w") as f:

@@ -20,6 +20,7 @@ from tests.conftest import REPO_ROOT
 CONFIGS = REPO_ROOT / "experiments" / "configs"
 PAPER_FLAGFILES = ["grpo_qwen2.5_1.5b.flags", "grpo_qwen2.5_3b.flags", "grpo_qwen2.5_7b.flags",
                    "grpo_llama3.2_3b.flags", "grpo_sft400_qwen2.5_3b.flags"]
+CPU_AND_MULTITURN_FLAGFILES = ["default.flags", "default_multiturn.flags", "grpo_qwen2.5_3b_multiturn.flags"]
 SPECS = sorted((CONFIGS / "sweeps").glob("*.json"))
 PPO_SPEC = "ppo_baseline.json"
 
@@ -380,7 +381,7 @@ _PARSER = textwrap.dedent("""\
 def parsed(tmp_path_factory):
     """Every paper flagfile and the run flagfiles of every sweep spec, parsed by experiments.grpo in one process."""
     tmp = tmp_path_factory.mktemp("specs")
-    paths = [str(CONFIGS / f) for f in PAPER_FLAGFILES]
+    paths = [str(CONFIGS / f) for f in PAPER_FLAGFILES + CPU_AND_MULTITURN_FLAGFILES]
     spec_runs: dict[str, list[sweeps.PlannedRun]] = {}
     for spec_path in SPECS:
         spec = sweeps.load_sweep_spec(spec_path)
@@ -407,6 +408,16 @@ def test_paper_flagfiles_parse_with_the_recipe(parsed):
     assert results[str(CONFIGS / "grpo_sft400_qwen2.5_3b.flags")]["model"] == "runs/sft400_qwen2.5_3b/export"
     sft = sweeps.read_flagfile(CONFIGS / "sft400_qwen2.5_3b.flags")
     assert sweeps.flag_value(sft, "export_dir") == "runs/sft400_qwen2.5_3b/export"
+
+
+def test_cpu_defaults_and_multiturn_flagfiles_parse(parsed):
+    """The embedded defaults and the multi-turn flagfiles pass the same validation as a run's start-up."""
+    results, _ = parsed
+    for name in CPU_AND_MULTITURN_FLAGFILES:
+        r = results[str(CONFIGS / name)]
+        assert r["ok"], f"{name}: {r.get('error')}"
+        assert r["run_dir"] == "runs/" + name.removesuffix(".flags")
+    assert results[str(CONFIGS / "default_multiturn.flags")]["max_resp"] == 320
 
 
 def test_every_sweep_spec_expands_and_parses(parsed):

@@ -239,11 +239,7 @@ class Sampler:
         budgets = self._row_budgets(max_new_tokens, len(prompts), config)
         numbers = self._row_numbers(prompt_numbers, sample_numbers, len(prompts), config.group_size)
         key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
-        stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
-        spec = DecodeSpec(max_new_tokens=config.max_new_tokens, group_size=config.group_size, greedy=config.greedy,
-                          top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
-                          ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
-                          pad_id=self.pad_id, cache_dtype=self.cache_dtype, prefill_chunk=config.prefill_chunk)
+        spec = self.decode_spec(config)
         temperature, top_p = np.float32(config.temperature), np.float32(config.top_p)
         width = self._width(prompts, config)
         if self.engine == "static":
@@ -254,6 +250,14 @@ class Sampler:
             got = self._continuous.run(self._state, prompts, width, budgets, numbers, key, temperature, top_p, spec,
                                        slots, self.refill_prompts)
         return self._assemble(prompts, width, got, config)
+
+    def decode_spec(self, config: SamplingConfig) -> DecodeSpec:
+        """The static description of a call with `config` (the sampler's stop ids unless the config lists its own)."""
+        stop_ids = self.stop_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        return DecodeSpec(max_new_tokens=config.max_new_tokens, group_size=config.group_size, greedy=config.greedy,
+                          top_k=config.top_k, use_top_p=config.top_p < 1.0, stop_token_ids=stop_ids,
+                          ignore_stop=config.ignore_stop, tempered_logprobs=config.tempered_logprobs,
+                          pad_id=self.pad_id, cache_dtype=self.cache_dtype, prefill_chunk=config.prefill_chunk)
 
     def _width(self, prompts: Sequence[np.ndarray], config: SamplingConfig) -> int:
         """The padded prompt length of a group of prompts (its longest prompt's bucket)."""

@@ -159,14 +159,6 @@ class SessionGenerator:
         self.session = None
 
     # ------------------------------------------------------------------ host logic
-    def _spec(self) -> DecodeSpec:
-        c, s = self.config, self.sampler
-        stop_ids = s.stop_token_ids if c.stop_token_ids is None else c.stop_token_ids
-        return DecodeSpec(max_new_tokens=c.max_new_tokens, group_size=1, greedy=c.greedy, top_k=c.top_k,
-                          use_top_p=c.top_p < 1.0, stop_token_ids=stop_ids, ignore_stop=c.ignore_stop,
-                          tempered_logprobs=c.tempered_logprobs, pad_id=s.pad_id, cache_dtype=s.cache_dtype,
-                          prefill_chunk=c.prefill_chunk)
-
     def _continuable(self, prompts: list[np.ndarray], rows: list[tuple[int, int]]) -> Optional[list[int]]:
         """The session rows of `rows` when every prompt extends its row's cached tokens, else None."""
         session = self.session
@@ -236,7 +228,8 @@ class SessionGenerator:
         place = sampler._place
         return sampler._start_rows(sampler._state, place(ids), place(segments), place(source), place(prompt_numbers),
                                    place(sample_numbers), place(row_budgets), key, np.float32(config.temperature),
-                                   np.float32(config.top_p), spec=self._spec(), cache_len=session.cache_len)
+                                   np.float32(config.top_p), spec=sampler.decode_spec(config),
+                                   cache_len=session.cache_len)
 
     def _continue(self, prompts: list[np.ndarray], places: list[int], rows: list[tuple[int, int]],
                   budgets: np.ndarray, key: jax.Array, width: int) -> dict[str, Any]:
@@ -256,7 +249,8 @@ class SessionGenerator:
         return sampler._continue_rows(sampler._state, cache, sampler._place(cached_lengths), sampler._place(chunk),
                                       sampler._place(segments), sampler._place(prompt_numbers),
                                       sampler._place(sample_numbers), sampler._place(row_budgets), key,
-                                      np.float32(config.temperature), np.float32(config.top_p), spec=self._spec())
+                                      np.float32(config.temperature), np.float32(config.top_p),
+                                      spec=sampler.decode_spec(config))
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: list[int], key: jax.Array,
                  rows: list[tuple[int, int]]) -> list[SessionGeneration]:
