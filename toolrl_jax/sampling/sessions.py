@@ -43,7 +43,7 @@ from toolrl_jax.sampling.engine import (
     prefill,
     row_keys,
 )
-from toolrl_jax.sampling.scheduler import to_numpy
+from toolrl_jax.sampling.scheduler import _round_up, to_numpy
 
 MIN_CHUNK = 16  # the smallest padded width of a continuation chunk (widths are powers of two from here)
 
@@ -182,10 +182,12 @@ class SessionGenerator:
         chunk = self.config.prefill_chunk
         return -(-width // chunk) * chunk if chunk is not None and width > chunk else width
 
-    def _new_session(self, prompts: list[np.ndarray], rows: list[tuple[int, int]]) -> Session:
-        multiple = self.sampler.sharding.data_parallel_size if self.sampler.sharding else 1
-        batch = _round_up(next_power_of_two(len(rows)), multiple)
-        width = self._chunk_width([p.size for p in prompts], fresh=True)
+    def _multiple(self) -> int:
+        """What batch sizes must be a multiple of: the sampler's data-parallel size."""
+        return self.sampler.sharding.data_parallel_size if self.sampler.sharding else 1
+
+    def _new_session(self, rows: list[tuple[int, int]], width: int) -> Session:
+        batch = _round_up(next_power_of_two(len(rows)), self._multiple())
         budget = self.config.max_new_tokens
         if self.cache_len is None:  # fixed from the first session on, so the kernels' shapes stay the same
             self.cache_len = width + 4 * (budget + 64)
@@ -211,14 +213,14 @@ class SessionGenerator:
         """A new session: each distinct prompt prefilled once, copied to its rows."""
         sampler, config = self.sampler, self.config
         self.session = None  # frees the old cache before the new one is allocated
-        session = self.session = self._new_session(prompts, rows)
-        batch, width = len(session.rows), self._chunk_width([p.size for p in prompts], fresh=True)
+        width = self._chunk_width([p.size for p in prompts], fresh=True)
+        session = self.session = self._new_session(rows, width)
+        batch = len(session.rows)
         distinct: dict[tuple[int, ...], int] = {}
         source = np.zeros((batch,), np.int32)  # dummy rows copy prompt 0 (with budget 0, they never decode)
         for place, prompt in enumerate(prompts):
             source[place] = distinct.setdefault(tuple(prompt.tolist()), len(distinct))
-        multiple = sampler.sharding.data_parallel_size if sampler.sharding else 1
-        count = _round_up(next_power_of_two(len(distinct)), multiple)
+        count = _round_up(next_power_of_two(len(distinct)), self._multiple())
         ids = np.full((count, width), sampler.pad_id, np.int32)
         segments = np.zeros((count, width), np.int32)
         for prompt, i in distinct.items():
@@ -288,7 +290,3 @@ class SessionGenerator:
             generations.append(SessionGeneration(token_ids=tokens, logprobs=got["logprobs"][place, :n].astype(
                 np.float32), stopped=bool(got["stopped"][place]), text=text))
         return generations
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
