@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     from toolrl_jax.multiturn import sampler_generate
     from toolrl_jax.sampling import Sampler, SamplingConfig
     from toolrl_jax.sampling.config import prompt_length_bucket
-    from toolrl_jax.sampling.sessions import SessionGenerator
+    from toolrl_jax.sampling.sessions import SessionGenerator, session_cache_len
 
     config = named_model_config(_MODEL.value).replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
     model = CausalLM(config, rngs=nnx.Rngs(_SEED.value))
@@ -100,9 +100,9 @@ def main(argv: list[str]) -> None:
                           slots=_TRAJ.value)
         if name == "session":
             # The trainer's rule (GRPOTrainer.multiturn_rollout): the prompt bucket, the longest response, and a
-            # 64-token chunk per turn.
-            generate = SessionGenerator(sampler, cfg, cache_len=prompt_length_bucket(_PROMPT.value, cfg) + longest
-                                        - _PROMPT.value + 64 * _TURNS.value)
+            # chunk allowance per turn.
+            generate = SessionGenerator(sampler, cfg, cache_len=session_cache_len(
+                prompt_length_bucket(_PROMPT.value, cfg), longest - _PROMPT.value, _TURNS.value))
         else:
             generate = sampler_generate(sampler, cfg)
         start = time.perf_counter()

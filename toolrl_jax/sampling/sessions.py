@@ -46,6 +46,14 @@ from toolrl_jax.sampling.engine import (
 from toolrl_jax.sampling.scheduler import _round_up, to_numpy
 
 MIN_CHUNK = 16  # the smallest padded width of a continuation chunk (widths are powers of two from here)
+# Cache columns a session reserves per turn beyond the turn's tokens: the padding of the turn's continuation chunk.
+TURN_CHUNK_ALLOWANCE = 64
+
+
+def session_cache_len(prompt_bucket: int, response_tokens: int, turns: int) -> int:
+    """Columns of a session cache that holds a whole conversation without a restart: the opening prompt's bucket,
+    every token the trajectory adds (sampled and tool results), and each turn's chunk padding."""
+    return prompt_bucket + response_tokens + turns * TURN_CHUNK_ALLOWANCE
 
 
 def continue_rows(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, cached_lengths: jax.Array,
@@ -141,7 +149,7 @@ class SessionGenerator:
     `multiturn.generation.sampler_generate`). cache_len: columns of a session's cache; each call uses the width of
     its padded chunk plus its decode steps, and a call that would not fit starts a new session (so it bounds memory,
     never results; a restart whose prompts would not fit gets a longer cache). Default: the first prompt's bucket
-    plus 4 turns of max_new_tokens and a 64-token chunk each.
+    plus 4 turns of max_new_tokens and a chunk allowance each (`TURN_CHUNK_ALLOWANCE`).
     Statistics: `prefill_tokens` (padded chunk tokens run through the model), `new_sessions`, `continued_calls`.
     """
 
@@ -190,10 +198,10 @@ class SessionGenerator:
         batch = _round_up(next_power_of_two(len(rows)), self._multiple())
         budget = self.config.max_new_tokens
         if self.cache_len is None:  # fixed from the first session on, so the kernels' shapes stay the same
-            self.cache_len = width + 4 * (budget + 64)
+            self.cache_len = session_cache_len(width, 4 * budget, 4)
         cache_len = self.cache_len
         if width + budget > cache_len:  # a restart from long conversations: a longer cache (one more compile)
-            cache_len = width + 2 * (budget + 64)
+            cache_len = session_cache_len(width, 2 * budget, 2)
         dummies = [(-1, -1 - i) for i in range(batch - len(rows))]  # never requested: they only pad the batch
         self.new_sessions += 1
         return Session(rows=tuple(rows) + tuple(dummies), cached=[[] for _ in range(batch)], cache=None, index=0,

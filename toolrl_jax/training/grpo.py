@@ -44,7 +44,7 @@ from toolrl_jax.rewards.functions import CombinedReward, RewardResult
 from toolrl_jax.rl.ppo import PolicyLossConfig
 from toolrl_jax.sampling.config import SamplingConfig, prompt_length_bucket
 from toolrl_jax.sampling.sampler import ENGINES, SampleOutput, Sampler
-from toolrl_jax.sampling.sessions import SessionGenerator
+from toolrl_jax.sampling.sessions import SessionGenerator, session_cache_len
 from toolrl_jax.training.actor import make_logprob_fn, make_split_update_fns, make_update_fn
 from toolrl_jax.training.critic import Critic, CriticConfig
 from toolrl_jax.training.dynamic_sampling import DynamicBatch, sample_informative_groups
@@ -508,10 +508,10 @@ class GRPOTrainer:
         session = None
         if c.turn_kv_reuse:
             session = self._sessions.get(sampling)
-            if session is None:  # columns: the first prompt's bucket, the trajectory, and each turn's chunk padding
+            if session is None:
                 width = prompt_length_bucket(c.max_prompt_length, self.sampling_config())
                 session = self._sessions[sampling] = SessionGenerator(
-                    self.sampler, sampling, cache_len=width + c.max_response_length + c.max_turns * 64)
+                    self.sampler, sampling, cache_len=session_cache_len(width, c.max_response_length, c.max_turns))
         before = (session.new_sessions, session.prefill_tokens) if session is not None else (0, 0)
         try:
             trajectories = rollout_trajectories(self.sampler, self.tokenizer, c.environment, tasks, group_size,
