@@ -1,6 +1,8 @@
-"""Shared test fixtures: locations of ../shared and small helpers."""
+"""Shared test fixtures: locations of ../shared, tiny model folders, a shared JAX compilation cache, small helpers."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,46 @@ def _torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_dir(tmp_path_factory) -> Path:
+    """One folder for JAX's persistent compilation cache, shared by the session's xdist workers and the processes
+    they start: a program compiled once (same HLO, devices and flags) is loaded, not compiled, the next time. Runs
+    repeated to compare them (straight vs resumed, one device vs a mesh, the same trainer rebuilt) spend most of
+    their time compiling on CPU; a loaded executable is the same program, so results are unchanged."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' basetemps are siblings: share their parent
+    path = root / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cached_env(compilation_cache_dir) -> dict[str, str]:
+    """os.environ plus the shared compilation cache (every program cached), for commands the tests start."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture
+def compilation_cache(compilation_cache_dir) -> Iterator[Path]:
+    """The shared compilation cache on in this process for one test (opt in with
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`), off again afterwards, so that tests counting
+    compilations elsewhere see none of it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (str(compilation_cache_dir), 0.0, 0)):
+        jax.config.update(name, value)
+    cc.reset_cache()  # JAX decides once per process whether the cache is used: decide again
+    try:
+        yield compilation_cache_dir
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        cc.reset_cache()

@@ -13,6 +13,8 @@ import pytest
 from toolrl_jax.checkpointing import CheckpointConfig, Checkpointer
 from toolrl_jax.training.loop import StepOutput, TrainLoop
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # the run_grpo tests rebuild the same trainer
+
 
 class _Data:
     """An EpochCursor-like source: batch k is the integer k; its state is the position."""
