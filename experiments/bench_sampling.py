@@ -81,8 +81,11 @@ _SLOTS = flags.DEFINE_integer("slots", 16, "long_tail: decode slots of the conti
 _LENGTH_DIST = flags.DEFINE_enum("length_dist", "toolrl", ["toolrl", "lognormal"], "long_tail: per-row lengths.")
 _LENGTH_MEAN = flags.DEFINE_float("length_mean", 370.0, "long_tail, lognormal: mean tokens per row.")
 _LENGTH_SIGMA = flags.DEFINE_float("length_sigma", 0.35, "long_tail, lognormal: standard deviation of log length.")
-_ENGINES = flags.DEFINE_list("engines", ["continuous", "static_slots", "static_all", "hf"],
-                            "long_tail: what to measure (continuous, static_slots, static_all, hf).")
+_ENGINES = flags.DEFINE_list("engines", ["continuous", "continuous_ring", "static_slots", "static_all", "hf"],
+                            "long_tail: what to measure (continuous, continuous_ring: the continuous engine with "
+                            "every decode step attending over the whole ring cache, static_slots, static_all, hf).")
+_WINDOWS = flags.DEFINE_integer("decode_windows", 4, "long_tail: attention window sizes of the continuous engine's "
+                                "decode calls (Sampler decode_windows).", lower_bound=1)
 _MODEL_SLOTS = flags.DEFINE_list("schedule_slots", ["16", "64", "256"], "long_tail: slot counts of the schedule "
                                  "model (row-steps of both engines, replayed on --schedule_rows lengths).")
 _MODEL_ROWS = flags.DEFINE_integer("schedule_rows", 2048, "long_tail: rows of the schedule model (ToolRL: 512 x 4).")
@@ -295,8 +298,10 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     prompts, lengths = _tail_workload()
     n, slots = _GROUP.value, _SLOTS.value
     per_batch = len(prompts) if engine == "static_all" else slots // n
+    continuous = engine.startswith("continuous")
     sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids,
-                      engine="continuous" if engine == "continuous" else "static", slots=slots)
+                      engine="continuous" if continuous else "static", slots=slots,
+                      decode_windows=1 if engine == "continuous_ring" else _WINDOWS.value)
     del model
     cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
                          group_size=n, ignore_stop=True, prompt_length_buckets=(_PROMPT.value,),
@@ -314,19 +319,21 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     if sampler.compile_count != compiles:
         raise RuntimeError(f"{engine}: the timed call compiled again ({compiles} -> {sampler.compile_count})")
     useful = int(lengths.sum())
-    if engine == "continuous":
+    ring = _PROMPT.value + _NEW.value
+    if continuous:
         stats = sampler._continuous.last_stats
         row_steps, cached_rows = stats.row_steps + len(lengths), stats.slots
+        attended = stats.attended_columns / stats.row_steps
         from toolrl_jax.sampling.scheduler import RefillPolicy, simulate_continuous
         if simulate_continuous(lengths, RefillPolicy(stats.slots, n)) != (stats.decode_steps, stats.row_steps):
             raise RuntimeError("the schedule model's decode steps differ from the engine's")
     else:
-        row_steps, cached_rows = row_steps_static(lengths, per_batch * n), per_batch * n
+        row_steps, cached_rows, attended = row_steps_static(lengths, per_batch * n), per_batch * n, ring
     peak, kind = _peak()
     return {"impl": engine, "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
             "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
-            "row_steps_per_useful_token": row_steps / useful,
-            "kv_cache_bytes": int(cached_rows * (_PROMPT.value + _NEW.value) * kv_cache_bytes_per_token(
+            "row_steps_per_useful_token": row_steps / useful, "attended_columns_per_row_step": attended,
+            "kv_cache_bytes": int(cached_rows * ring * kv_cache_bytes_per_token(
                 config, sampler.cache_dtype)),
             "mean_logprob": float(out.logprobs[out.response_mask.astype(bool)].mean()),
             "peak_bytes": peak, "peak_kind": kind, "device": jax.devices()[0].device_kind}
@@ -389,25 +396,38 @@ def _worker_tail_hf() -> dict[str, Any]:
     result = {"impl": "hf_generate", "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
               "row_steps_per_useful_token": row_steps_static(lengths, _SLOTS.value) / useful,
+              "attended_columns_per_row_step": _dynamic_cache_columns(lengths, _SLOTS.value, _PROMPT.value),
               "torch": torch.__version__, "transformers": transformers.__version__}
     return {**result, **_torch_peak(device)}
 
 
+def _dynamic_cache_columns(lengths, rows_per_batch: int, prompt_len: int) -> float:
+    """Mean cache columns a row-step attends over with a cache that grows with the batch (HF's dynamic cache):
+    the prompt plus the tokens so far, for every step of a batch run to its longest row."""
+    total = count = 0
+    for i in range(0, len(lengths), rows_per_batch):
+        rows, steps = len(lengths[i:i + rows_per_batch]), int(max(lengths[i:i + rows_per_batch]))
+        total += rows * (steps * prompt_len + steps * (steps - 1) // 2)
+        count += rows * steps
+    return total / count
+
+
 def _tail_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| engine | useful tokens/s | s / rollout | row-steps per useful token | KV cache | peak memory | "
-             "warm-up s |", "|" + "---|" * 7]
+    lines = ["| engine | useful tokens/s | s / rollout | row-steps per useful token | attended columns per row-step "
+             "| KV cache | peak memory | warm-up s |", "|" + "---|" * 8]
     for r in rows:
         kv = "-" if "kv_cache_bytes" not in r else f"{r['kv_cache_bytes'] / 2 ** 20:,.0f} MiB"
         mem = f"{r['peak_bytes'] / 2 ** 30:.2f} GiB ({'dev' if r['peak_kind'] == 'device' else 'rss'})"
         lines.append(f"| {r['impl']} | {r['useful_tokens_per_s']:,.0f} | {r['seconds']:.1f} | "
-                     f"{r['row_steps_per_useful_token']:.2f} | {kv} | {mem} | {r['warmup_s']:.1f} |")
+                     f"{r['row_steps_per_useful_token']:.2f} | {r['attended_columns_per_row_step']:,.0f} | {kv} | "
+                     f"{mem} | {r['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
 def _parent_tail() -> None:
     config = _model_config()
     engines = list(_ENGINES.value)
-    unknown = sorted(set(engines) - {"continuous", "static_slots", "static_all", "hf"})
+    unknown = sorted(set(engines) - {"continuous", "continuous_ring", "static_slots", "static_all", "hf"})
     if unknown:
         raise app.UsageError(f"--engines: unknown {unknown}")
     if _ROWS.value % _GROUP.value or _SLOTS.value % _GROUP.value or _SLOTS.value < _GROUP.value:
@@ -476,7 +496,7 @@ def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = No
 def _serialized_flags() -> list[str]:
     names = ("model", "prompt_len", "new_tokens", "temperature", "top_p", "top_k", "dtype", "attention_impl",
              "hf_attn", "repeats", "measure_prefill", "seed", "engine", "rows", "group_size", "slots", "length_dist",
-             "length_mean", "length_sigma")
+             "length_mean", "length_sigma", "decode_windows")
     return [flags.FLAGS[name].serialize() for name in names]
 
 

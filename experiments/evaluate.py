@@ -71,6 +71,8 @@ _ENGINE = flags.DEFINE_enum("rollout_engine", "continuous", ["continuous", "stat
                             "until its longest row stops); the same greedy outputs.")
 _SLOTS = flags.DEFINE_integer("rollout_slots", None, "Decode slots of the continuous engine (default: the call's "
                               "rows, up to 64).", lower_bound=1)
+_WINDOWS = flags.DEFINE_integer("rollout_decode_windows", 4, "Attention window sizes of the continuous engine's "
+                                "decode calls (1: always the whole KV cache); the same outputs.", lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", None, "Response cap per generation (default: each benchmark's own; BFCL, API-Bank and Bamboogle "
     "4096 as the originals, held-out 1024 as training). A generation gets min(cap, context - prompt) tokens.",
@@ -192,7 +194,8 @@ def generator_from_flags() -> Generator:
     from experiments.common import load_model_and_tokenizer
 
     _, model, tokenizer, _ = load_model_and_tokenizer()
-    return SamplerGenerator(model, tokenizer, SamplerGeneratorConfig(engine=_ENGINE.value, slots=_SLOTS.value))
+    return SamplerGenerator(model, tokenizer, SamplerGeneratorConfig(engine=_ENGINE.value, slots=_SLOTS.value,
+                                                                        decode_windows=_WINDOWS.value))
 
 
 def check_model_flags() -> None:

@@ -137,6 +137,7 @@ class SamplerGeneratorConfig:
     budget_quantum: int = 256
     engine: str = "continuous"  # the Sampler's decode engine (continuous or static; same outputs)
     slots: Optional[int] = None  # decode slots of the continuous engine (None: the call's rows, up to 64)
+    decode_windows: int = 4  # attention window sizes of the continuous engine's decode calls (1: the whole cache)
 
 
 class SamplerGenerator:
@@ -153,7 +154,7 @@ class SamplerGenerator:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stops = tokenization.stop_token_ids(tokenizer, config.family)
         self._sampler = sampling.Sampler(model, pad_id=pad_id, stop_token_ids=stops, engine=config.engine,
-                                         slots=config.slots)
+                                         slots=config.slots, decode_windows=config.decode_windows)
         self._calls = 0
 
     @property

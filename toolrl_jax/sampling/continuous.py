@@ -16,6 +16,12 @@ token positions the cache stores (`KVCache.positions`), so the ring order never 
 (call key, prompt index, sample number) and folded with the row's own step, exactly as in the static engine, so a
 row's tokens do not depend on its slot or on when it ran.
 
+A decode call attends over a window of the ring rather than all of it: the W columns that end at the write index
+and hold every active row's prompt and tokens (W >= the oldest active row's span, a few static sizes; the host picks
+the smallest that leaves room, `scheduler.WindowPolicy`). The window is gathered once per call, decoded in place and
+scattered back, so a step's attention reads W columns instead of L while the oldest row is young (on CPU a step's
+cost is mostly that read). Columns outside the window belong to finished rows only, so results are unchanged.
+
 State is a dict of arrays with static shapes (S slots, L cache slots, R response columns); both kernels are pure
 functions that the `ContinuousEngine` host loop (`sampling/scheduler.py`) jits, with the state donated.
 """
@@ -39,11 +45,21 @@ SlotState = dict  # name -> array with a leading slot axis (plus "cache", a KVCa
 
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
-    """Static shape of a slot state: `slots` rows decoding together, each with a ring KV cache of `cache_len`."""
+    """Static shape of a slot state: `slots` rows decoding together, each with a ring KV cache of `cache_len`;
+    `window`: the ring columns a decode call attends over (None: all of them)."""
 
     decode: DecodeSpec
     slots: int
     cache_len: int
+    window: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and not 1 <= self.window <= self.cache_len:
+            raise ValueError(f"SlotSpec.window must be in [1, cache_len={self.cache_len}], got {self.window}")
+
+    @property
+    def windowed(self) -> bool:
+        return self.window is not None and self.window < self.cache_len
 
 
 def init_slots(config: ModelConfig, spec: SlotSpec, sharding: Optional[BatchSharding] = None) -> SlotState:
@@ -53,7 +69,8 @@ def init_slots(config: ModelConfig, spec: SlotSpec, sharding: Optional[BatchShar
     state = dict(
         cache=_constrain_cache(init_cache(config, s, spec.cache_len, spec.decode.cache_dtype), sharding),
         last=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32), budget=jnp.zeros((s,), jnp.int32),
-        prompt_len=jnp.zeros((s,), jnp.int32), key_data=jnp.zeros((s,) + key_data.shape, key_data.dtype),
+        prompt_len=jnp.zeros((s,), jnp.int32), start=jnp.zeros((s,), jnp.int32),
+        key_data=jnp.zeros((s,) + key_data.shape, key_data.dtype),
         active=jnp.zeros((s,), bool), stopped=jnp.zeros((s,), bool),
         tokens=jnp.full((s, budget), spec.decode.pad_id, jnp.int32), logprobs=jnp.zeros((s, budget), jnp.float32))
     if spec.decode.tempered_logprobs:
@@ -139,6 +156,7 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
     put("step", jnp.ones((k * n,), jnp.int32))
     put("budget", budgets.astype(jnp.int32))
     put("prompt_len", jnp.sum(prompt_segments != 0, axis=1).astype(jnp.int32)[source])
+    put("start", jnp.full((k * n,), ring[0], jnp.int32))  # the ring column of the row's first (padded) prompt slot
     put("key_data", key_data)
     put("stopped", stopped)
     put("active", ~stopped & (budgets > 1))
@@ -169,7 +187,8 @@ def compact(slots: SlotState, keep: jax.Array, *, spec: SlotSpec, sharding: Opti
 def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_target: jax.Array,
            temperature: jax.Array, top_p: jax.Array, *, spec: SlotSpec, sharding: Optional[BatchSharding] = None,
            on_trace: Optional[Callable[[tuple], None]] = None) -> SlotState:
-    """Decode steps over all slots until at least `free_target` slots are inactive, or none is active.
+    """Decode steps over all slots until at least `free_target` slots are inactive, or none is active, or (with a
+    window) the window is full.
 
     A step feeds every active row's last token at its own position, writes its KV at the shared ring index, and
     records the next token in the row's own column; a row stops at a stop token or at its budget.
@@ -182,7 +201,8 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
     everyone = jnp.arange(s, dtype=jnp.int32)
 
     def cond(c: SlotState) -> jax.Array:
-        return (jnp.sum(~c["active"]) < free_target) & jnp.any(c["active"])
+        room = c["cache"].index < spec.window if spec.windowed else True
+        return (jnp.sum(~c["active"]) < free_target) & jnp.any(c["active"]) & room
 
     def body(c: SlotState) -> SlotState:
         active = c["active"]
@@ -212,4 +232,34 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
         out["decode_steps"] = c["decode_steps"] + 1
         return out
 
-    return jax.lax.while_loop(cond, body, slots)
+    if not spec.windowed:
+        return jax.lax.while_loop(cond, body, slots)
+    full: KVCache = slots["cache"]
+    view, columns = window_view(full, slots["active"], slots["start"], spec)
+    out = jax.lax.while_loop(cond, body, dict(slots, cache=_constrain_cache(view, sharding)))
+    out["cache"] = _constrain_cache(window_write_back(full, out["cache"], columns, spec), sharding)
+    return out
+
+
+def window_view(cache: KVCache, active: jax.Array, start: jax.Array, spec: SlotSpec) -> tuple[KVCache, jax.Array]:
+    """The `spec.window` ring columns that end at the write index and begin at the oldest active row's first column,
+    as a cache of that length whose write index is the oldest row's span (the decode loop stops when it is full);
+    and those columns' ring numbers. Requires window > the oldest active row's span (the host's `WindowPolicy`)."""
+    chex.assert_shape([active, start], (spec.slots,))
+    span = jnp.max(jnp.where(active, (cache.index - start) % spec.cache_len, 0))
+    columns = (cache.index - span + jnp.arange(spec.window, dtype=jnp.int32)) % spec.cache_len
+    view = KVCache(keys=tuple(k[:, columns] for k in cache.keys), values=tuple(v[:, columns] for v in cache.values),
+                   segment_ids=cache.segment_ids[:, columns], positions=cache.positions[:, columns], index=span)
+    return view, columns
+
+
+def window_write_back(cache: KVCache, view: KVCache, columns: jax.Array, spec: SlotSpec) -> KVCache:
+    """The ring cache with a decoded window written back to its columns, and the write index advanced as far."""
+    def back(big: jax.Array, part: jax.Array) -> jax.Array:
+        return big.at[:, columns].set(part, unique_indices=True)
+
+    index = (columns[0] + view.index) % spec.cache_len
+    return KVCache(keys=tuple(back(b, p) for b, p in zip(cache.keys, view.keys)),
+                   values=tuple(back(b, p) for b, p in zip(cache.values, view.values)),
+                   segment_ids=back(cache.segment_ids, view.segment_ids), index=index.astype(jnp.int32),
+                   positions=back(cache.positions, view.positions))

@@ -104,6 +104,37 @@ class RefillPolicy:
         return self.group_size * min(queued, self.refill)
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPolicy:
+    """The attention window of each decode call (`continuous.decode`): `count` sizes evenly spaced up to the ring's
+    length L (multiples of 8, the last one L itself). A call gets the smallest that holds the oldest running row's
+    span plus `room` more decode steps (L / (4 count)); it stops early only when that room is used up. count 1:
+    every call attends over the whole ring."""
+
+    cache_len: int
+    count: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or int(self.count) != self.count or self.count < 1:
+            raise ValueError(f"decode windows must be a positive integer, got {self.count!r}")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        sizes = {min(self.cache_len, _round_up(-(-self.cache_len * i // self.count), 8))
+                 for i in range(1, self.count + 1)}
+        return tuple(sorted(sizes))
+
+    @property
+    def room(self) -> int:
+        return max(1, self.cache_len // (4 * self.count))
+
+    def window(self, span: int) -> int:
+        """The window for a call whose oldest running row spans `span` ring columns (its prompt bucket + steps)."""
+        if not 0 <= span < self.cache_len:
+            raise RuntimeError(f"a running row spans {span} columns of a {self.cache_len}-column ring")
+        return next((size for size in self.sizes if size >= span + self.room), self.cache_len)
+
+
 def simulate_continuous(lengths: Sequence[int], policy: RefillPolicy) -> tuple[int, int]:
     """(decode steps, row-steps: slots computed summed over steps) the continuous engine runs for rows of these
     lengths (prompt-major, group_size per prompt, forced lengths: no stop tokens), by its own `RefillPolicy`."""
@@ -154,16 +185,23 @@ class EngineStats:
     slots: int
     row_steps: int  # slots computed, summed over decode steps (fewer than decode_steps x slots once drained)
     compactions: int
+    attended_columns: int = 0  # cache columns attended over, summed over row-steps (row_steps x ring without windows)
 
 
 class ContinuousEngine:
     """Runs one generate call's rows through `slots` decode slots.
 
     graphdef/sharding/on_trace: as for the static kernel; place: puts a host array on the devices, batch-sharded.
+    windows: attention window sizes of the full slot state's decode calls (`WindowPolicy`; 1: the whole ring). A
+    call's first decode compiles every window's program, so later calls compile nothing new.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, model_config: ModelConfig, sharding: Optional[BatchSharding],
-                 place: Callable[[np.ndarray], jax.Array], on_trace: Optional[Callable[[tuple], None]] = None):
+                 place: Callable[[np.ndarray], jax.Array], on_trace: Optional[Callable[[tuple], None]] = None,
+                 windows: int = 4):
+        WindowPolicy(1, windows)  # validates
+        self._windows = windows
+        self._compiled_windows: set[continuous.SlotSpec] = set()
         self._model_config = model_config
         self._sharding = sharding
         self._place = place
@@ -174,8 +212,8 @@ class ContinuousEngine:
                                static_argnames=("spec",), donate_argnames=("slots",))
         self._decode = jax.jit(functools.partial(continuous.decode, graphdef, sharding=sharding, on_trace=on_trace),
                                static_argnames=("spec",), donate_argnames=("slots",))
-        self._compact = jax.jit(functools.partial(continuous.compact, sharding=sharding), static_argnames=("spec",),
-                                donate_argnames=("slots",))
+        # Not donated: a compaction's outputs are smaller than its inputs, so no input buffer could be reused.
+        self._compact = jax.jit(functools.partial(continuous.compact, sharding=sharding), static_argnames=("spec",))
         self.last_stats: Optional[EngineStats] = None
 
     def _replicated(self, array: np.ndarray) -> jax.Array:
@@ -201,6 +239,7 @@ class ContinuousEngine:
         rows = len(prompts) * n
         slot_spec = continuous.SlotSpec(decode=spec, slots=slots, cache_len=width + budget)
         policy = RefillPolicy(slots, n, refill_prompts, self._multiple)
+        windows = WindowPolicy(slot_spec.cache_len, self._windows)
 
         names = ["tokens", "logprobs"] + (["tempered_logprobs"] if spec.tempered_logprobs else [])
         out = {name: np.zeros((rows, budget), np.float32) for name in names}
@@ -211,6 +250,7 @@ class ContinuousEngine:
         state = self._init(spec=slot_spec)
         queue = collections.deque(range(len(prompts)))
         slot_row = np.full((slots,), -1, np.int64)  # the row each slot decodes (-1 = free)
+        inserted_at = np.zeros((slots,), np.int64)  # the decode step count when each slot's row was inserted
         inserts = decode_calls = 0
 
         def insert(size: int, count: int):
@@ -234,13 +274,14 @@ class ContinuousEngine:
                     row_budgets[j * n + s] = budgets[p * n + s]
                     samples[j * n + s] = sample_numbers[p * n + s]
                     slot_row[slot] = p * n + s
+                    inserted_at[slot] = steps_before
             state = self._insert(params, state, self._place(ids), self._place(seg), self._place(index),
                                  self._place(samples), self._place(slot_ids), self._place(row_budgets), key,
                                  temperature, top_p, spec=slot_spec)
             inserts += 1
 
         first = True
-        row_steps = compactions = steps_before = 0
+        row_steps = compactions = steps_before = attended = 0
         while True:
             while queue:
                 count = policy.insert_count(len(prompts), len(queue), int(np.sum(slot_row < 0)), first)
@@ -256,20 +297,44 @@ class ContinuousEngine:
                     keep = np.argsort(slot_row < 0, kind="stable")[:size].astype(np.int32)  # running slots first
                     slot_spec = dataclasses.replace(slot_spec, slots=size)
                     state = self._compact(state, self._replicated(keep), spec=slot_spec)
-                    slot_row = slot_row[keep]
+                    slot_row, inserted_at = slot_row[keep], inserted_at[keep]
                     compactions += 1
                 elif not np.any(slot_row >= 0):
                     break
                 target = policy.drain_target(slot_row.size)
-            state = self._decode(params, state, np.int32(target), temperature, top_p, spec=slot_spec)
+            call_spec = slot_spec
+            if slot_spec.slots == slots and windows.count > 1:  # the drain's smaller states attend over the ring
+                running = slot_row >= 0
+                span = width + steps_before - int(inserted_at[running].min()) if running.any() else 0
+                window = windows.window(span)
+                call_spec = dataclasses.replace(slot_spec, window=window if window < slot_spec.cache_len else None)
+                self._compile_windows(params, state, np.int32(target), temperature, top_p, slot_spec, windows,
+                                      call_spec)
+            state = self._decode(params, state, np.int32(target), temperature, top_p, spec=call_spec)
             decode_calls += 1
             steps = int(to_numpy(state["decode_steps"]))
             row_steps += (steps - steps_before) * slot_row.size
+            attended += (steps - steps_before) * slot_row.size * (call_spec.window or call_spec.cache_len)
             steps_before = steps
             self._collect(state, slot_row, out, names)
         self.last_stats = EngineStats(decode_steps=steps_before, inserts=inserts, decode_calls=decode_calls,
-                                      slots=slots, row_steps=row_steps, compactions=compactions)
+                                      slots=slots, row_steps=row_steps, compactions=compactions,
+                                      attended_columns=attended)
         return out
+
+    def _compile_windows(self, params: nnx.State, state: continuous.SlotState, target: np.int32,
+                         temperature: np.float32, top_p: np.float32, slot_spec: continuous.SlotSpec,
+                         windows: WindowPolicy, calling: continuous.SlotSpec) -> None:
+        """Compiles the decode of every window size (except the one about to run) the first time a slot state of
+        this shape decodes, so that which windows a later call needs (it depends on its rows' lengths) never
+        triggers a compile after the first call."""
+        if slot_spec in self._compiled_windows:
+            return
+        self._compiled_windows.add(slot_spec)
+        for size in windows.sizes:
+            spec = dataclasses.replace(slot_spec, window=size if size < slot_spec.cache_len else None)
+            if spec != calling:
+                self._decode.lower(params, state, target, temperature, top_p, spec=spec).compile()
 
     @staticmethod
     def _collect(state: continuous.SlotState, slot_row: np.ndarray, out: dict[str, np.ndarray],

@@ -158,6 +158,10 @@ class GRPOConfig:
     rollout_slots: Optional[int] = option(
         None, "Decode slots of the continuous engine (KV memory = slots x (prompt bucket + response budget) "
               "tokens; 0 = min(64, prompts_per_step) x group_size, one static chunk's rows).", zero_is_none=True)
+    rollout_decode_windows: int = option(
+        4, "Continuous engine: attention window sizes of its decode calls; each call attends over the part of the "
+           "ring cache its running rows use, the smallest of this many sizes that fits (1 = always the whole "
+           "cache). Same tokens; every size compiles in the first rollout.")
     prompt_length_buckets: Optional[tuple[int, ...]] = option(
         None, "Padded rollout prompt lengths, e.g. 256,320 (default: powers of two). Each distinct length compiles "
               "the sampler's prefill, the log-prob pass and the update once.")
@@ -198,6 +202,8 @@ class GRPOConfig:
         need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {ENGINES}, got {self.rollout_engine!r}")
         need(self.rollout_slots is None or (isinstance(self.rollout_slots, int) and self.rollout_slots >= 1),
              f"rollout_slots must be an integer >= 1 or None, got {self.rollout_slots!r}")
+        need(isinstance(self.rollout_decode_windows, int) and self.rollout_decode_windows >= 1,
+             f"rollout_decode_windows must be an integer >= 1, got {self.rollout_decode_windows!r}")
         need(self.train_last_layers >= 0, f"train_last_layers must be >= 0, got {self.train_last_layers}")
         need(not (self.train_last_layers and self.trainable_regex),
              "set train_last_layers or trainable_regex, not both")
@@ -411,7 +417,8 @@ class GRPOTrainer:
             ref_dtype = jnp.dtype(model.config.dtype) if config.reference_in_compute_dtype else None
             self.ref_params = cast_floating(params, ref_dtype, copy=True)
         self.sampler = Sampler(model, pad_id=pad_id, stop_token_ids=stop_token_ids, tokenizer=tokenizer,
-                               mesh=placement.mesh, engine=config.rollout_engine, slots=config.rollout_slots)
+                               mesh=placement.mesh, engine=config.rollout_engine, slots=config.rollout_slots,
+                               decode_windows=config.rollout_decode_windows)
         self._sessions: dict[SamplingConfig, SessionGenerator] = {}  # multi-turn KV reuse, one per turn sampling
         self.kv_metrics: dict[str, float] = {}  # the last multi-turn rollout's sessions and prefilled tokens
         self.critic = None
