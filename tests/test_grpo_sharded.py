@@ -7,7 +7,6 @@ widths. XLA_FLAGS must be set before jax initialises, so the check runs in a fre
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -76,8 +75,10 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_grpo_and_ppo_steps_on_a_mesh_equal_single_device(tiny_chat_model_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+def test_grpo_and_ppo_steps_on_a_mesh_equal_single_device(tiny_chat_model_dir, cached_env):
+    # The shared compilation cache: each option set's trainers compile mostly the programs of the first set (the
+    # sampler, log-prob passes), which then load instead of compiling again (127 s -> 87 s).
+    env = dict(cached_env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_chat_model_dir)], env=env, capture_output=True,
                           text=True, timeout=900)
