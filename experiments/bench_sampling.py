@@ -81,9 +81,9 @@ _SLOTS = flags.DEFINE_integer("slots", 16, "long_tail: decode slots of the conti
 _LENGTH_DIST = flags.DEFINE_enum("length_dist", "toolrl", ["toolrl", "lognormal"], "long_tail: per-row lengths.")
 _LENGTH_MEAN = flags.DEFINE_float("length_mean", 370.0, "long_tail, lognormal: mean tokens per row.")
 _LENGTH_SIGMA = flags.DEFINE_float("length_sigma", 0.35, "long_tail, lognormal: standard deviation of log length.")
-_ENGINES = flags.DEFINE_list("engines", ["continuous", "continuous_ring", "static_slots", "static_all", "hf"],
-                            "long_tail: what to measure (continuous, continuous_ring: the continuous engine with "
-                            "every decode step attending over the whole ring cache, static_slots, static_all, hf).")
+_ENGINES = flags.DEFINE_list("engines", ["continuous", "continuous_full", "static_slots", "static_all", "hf"],
+                            "long_tail: what to measure (continuous, continuous_full: the continuous engine with "
+                            "every decode step attending over its whole KV cache, static_slots, static_all, hf).")
 _WINDOWS = flags.DEFINE_integer("decode_windows", 4, "long_tail: attention window sizes of the continuous engine's "
                                 "decode calls (Sampler decode_windows).", lower_bound=1)
 _MODEL_SLOTS = flags.DEFINE_list("schedule_slots", ["16", "64", "256"], "long_tail: slot counts of the schedule "
@@ -301,7 +301,7 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     continuous = engine.startswith("continuous")
     sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids,
                       engine="continuous" if continuous else "static", slots=slots,
-                      decode_windows=1 if engine == "continuous_ring" else _WINDOWS.value)
+                      decode_windows=1 if engine == "continuous_full" else _WINDOWS.value)
     del model
     cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
                          group_size=n, ignore_stop=True, prompt_length_buckets=(_PROMPT.value,),
@@ -319,7 +319,7 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     if sampler.compile_count != compiles:
         raise RuntimeError(f"{engine}: the timed call compiled again ({compiles} -> {sampler.compile_count})")
     useful = int(lengths.sum())
-    ring = _PROMPT.value + _NEW.value
+    columns = _PROMPT.value + _NEW.value
     if continuous:
         stats = sampler._continuous.last_stats
         row_steps, cached_rows = stats.row_steps + len(lengths), stats.slots
@@ -328,12 +328,12 @@ def _worker_tail(engine: str) -> dict[str, Any]:
         if simulate_continuous(lengths, RefillPolicy(stats.slots, n)) != (stats.decode_steps, stats.row_steps):
             raise RuntimeError("the schedule model's decode steps differ from the engine's")
     else:
-        row_steps, cached_rows, attended = row_steps_static(lengths, per_batch * n), per_batch * n, ring
+        row_steps, cached_rows, attended = row_steps_static(lengths, per_batch * n), per_batch * n, columns
     peak, kind = _peak()
     return {"impl": engine, "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
             "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
             "row_steps_per_useful_token": row_steps / useful, "attended_columns_per_row_step": attended,
-            "kv_cache_bytes": int(cached_rows * ring * kv_cache_bytes_per_token(
+            "kv_cache_bytes": int(cached_rows * columns * kv_cache_bytes_per_token(
                 config, sampler.cache_dtype)),
             "mean_logprob": float(out.logprobs[out.response_mask.astype(bool)].mean()),
             "peak_bytes": peak, "peak_kind": kind, "device": jax.devices()[0].device_kind}
@@ -427,7 +427,7 @@ def _tail_table(rows: list[dict[str, Any]]) -> str:
 def _parent_tail() -> None:
     config = _model_config()
     engines = list(_ENGINES.value)
-    unknown = sorted(set(engines) - {"continuous", "continuous_ring", "static_slots", "static_all", "hf"})
+    unknown = sorted(set(engines) - {"continuous", "continuous_full", "static_slots", "static_all", "hf"})
     if unknown:
         raise app.UsageError(f"--engines: unknown {unknown}")
     if _ROWS.value % _GROUP.value or _SLOTS.value % _GROUP.value or _SLOTS.value < _GROUP.value:

@@ -81,15 +81,15 @@ def test_long_tail_workload_runs_the_engines_side_by_side(tmp_path):
     out = tmp_path / "tail.json"
     proc = _run("--workload=long_tail", "--rows=12", "--group_size=2", "--slots=4", "--prompt_len=8",
                 "--new_tokens=48", "--length_dist=lognormal", "--length_mean=12", "--length_sigma=0.8",
-                "--engines=continuous,continuous_ring,static_slots", f"--json_out={out}")
+                "--engines=continuous,continuous_full,static_slots", f"--json_out={out}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     by_impl = {r["impl"]: r for r in report["results"]}
-    assert set(by_impl) == {"continuous", "continuous_ring", "static_slots"}
-    cont, ring, static = by_impl["continuous"], by_impl["continuous_ring"], by_impl["static_slots"]
-    # Same schedule; the ring engine attends over all 8 + 48 columns every step, the windowed one over fewer.
-    assert ring["row_steps_per_useful_token"] == cont["row_steps_per_useful_token"]
-    assert ring["attended_columns_per_row_step"] == static["attended_columns_per_row_step"] == 56
+    assert set(by_impl) == {"continuous", "continuous_full", "static_slots"}
+    cont, full, static = by_impl["continuous"], by_impl["continuous_full"], by_impl["static_slots"]
+    # Same schedule; without windows every step attends over all 8 + 48 columns, with them over fewer.
+    assert full["row_steps_per_useful_token"] == cont["row_steps_per_useful_token"]
+    assert full["attended_columns_per_row_step"] == static["attended_columns_per_row_step"] == 56
     assert cont["attended_columns_per_row_step"] < 56
     assert cont["useful_tokens"] == static["useful_tokens"] == round(report["length_mean"] * 12)
     # Equal KV memory (4 slots vs batches of 4 rows); the static batches run to their longest row.

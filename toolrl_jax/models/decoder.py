@@ -150,7 +150,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
                  kv: Optional[tuple[jax.Array, jax.Array]], write_index: Optional[jax.Array],
-                 dropout_seeds: Optional[jax.Array] = None
+                 dropout_seeds: Optional[jax.Array] = None, attend_len: Optional[int] = None
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
         b, t, _ = x.shape
         q = self.q_proj(x, dropout_seeds).reshape(b, t, self.num_heads, self.head_dim)
@@ -164,7 +164,7 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_kv = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            k, v = cache_k[:, :attend_len].astype(q.dtype), cache_v[:, :attend_len].astype(q.dtype)
         out = self._attend(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), dropout_seeds), new_kv
 
@@ -204,8 +204,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, kv, write_index, dropout_seeds=None):
-        attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, mask, kv, write_index, dropout_seeds)
+    def __call__(self, x, positions, inv_freq, mask, kv, write_index, dropout_seeds=None, attend_len=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), positions, inv_freq, mask, kv, write_index, dropout_seeds,
+                                     attend_len)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), dropout_seeds)
         return x, new_kv
@@ -230,10 +231,12 @@ class CausalLM(nnx.Module):
             config.hidden_size, config.vocab_size, use_bias=False, config=config, rngs=rngs)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                      cache: Optional[KVCache] = None, dropout_seeds: Optional[jax.Array] = None
-                      ) -> tuple[jax.Array, Optional[KVCache]]:
+                      cache: Optional[KVCache] = None, dropout_seeds: Optional[jax.Array] = None,
+                      attend_len: Optional[int] = None) -> tuple[jax.Array, Optional[KVCache]]:
         """Final-norm hidden states [B,T,H] (compute dtype) and the updated cache. dropout_seeds [B]: a training
-        forward, with LoRA dropout masks drawn per row from them (adapters with dropout only; not with a cache)."""
+        forward, with LoRA dropout masks drawn per row from them (adapters with dropout only; not with a cache).
+        attend_len (static): attend over the cache's first attend_len slots only (the caller keeps every visible
+        key there and writes below it), so a step reads that much of the cache rather than all of it."""
         chex.assert_rank([input_ids, positions, segment_ids], 2)
         chex.assert_equal_shape([input_ids, positions, segment_ids])
         b, t = input_ids.shape
@@ -254,10 +257,11 @@ class CausalLM(nnx.Module):
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                    (0, cache.index))
         kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
-        mask = attention_mask(segment_ids, positions.astype(jnp.int32), kv_segments, kv_positions)
+        mask = attention_mask(segment_ids, positions.astype(jnp.int32), kv_segments[:, :attend_len],
+                              kv_positions[:, :attend_len])
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            x, (k, v) = layer(x, positions, inv_freq, mask, (k, v), cache.index)
+            x, (k, v) = layer(x, positions, inv_freq, mask, (k, v), cache.index, attend_len=attend_len)
             new_keys.append(k)
             new_values.append(v)
         new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), segment_ids=kv_segments,

@@ -10,17 +10,16 @@ ends:
 * `decode` runs decode steps in a `while_loop` until enough slots are free for the next insert (or none is
   active).
 
-All slots share one write index into their KV cache, used as a ring of length L = max prompt bucket + budget:
-an inserted prompt is written to end at the current index, and its tokens follow it. Causality comes from the
-token positions the cache stores (`KVCache.positions`), so the ring order never matters. A row's key is derived from
-(call key, prompt index, sample number) and folded with the row's own step, exactly as in the static engine, so a
-row's tokens do not depend on its slot or on when it ran.
-
-A decode call attends over a window of the ring rather than all of it: the W columns that end at the write index
-and hold every active row's prompt and tokens (W >= the oldest active row's span, a few static sizes; the host picks
-the smallest that leaves room, `scheduler.WindowPolicy`). The window is gathered once per call, decoded in place and
-scattered back, so a step's attention reads W columns instead of L while the oldest row is young (on CPU a step's
-cost is mostly that read). Columns outside the window belong to finished rows only, so results are unchanged.
+All slots share one write index into a KV cache of L = max prompt bucket + budget columns: an inserted prompt is
+written to end at the current index and its tokens follow it, so the running rows use the columns [index - span,
+index), span being the oldest running row's prompt bucket plus its steps. Each decode call first moves those
+columns to the front of the cache (in place, a chunk at a time: `move_to_front`) and then attends over the first W
+columns only, stopping when they are full: W is one of a few static sizes, the smallest that holds the span plus
+some room (`scheduler.WindowPolicy`; W = L when windows are off). A step's attention thus reads W columns instead
+of L while the oldest row is young, with no second copy of the cache. Causality comes from the token positions the
+cache stores (`KVCache.positions`), so where a row's columns sit never matters. A row's key is derived from (call
+key, prompt index, sample number) and folded with the row's own step, exactly as in the static engine, so a row's
+tokens do not depend on its slot or on when it ran.
 
 State is a dict of arrays with static shapes (S slots, L cache slots, R response columns); both kernels are pure
 functions that the `ContinuousEngine` host loop (`sampling/scheduler.py`) jits, with the state donated.
@@ -45,8 +44,8 @@ SlotState = dict  # name -> array with a leading slot axis (plus "cache", a KVCa
 
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
-    """Static shape of a slot state: `slots` rows decoding together, each with a ring KV cache of `cache_len`;
-    `window`: the ring columns a decode call attends over (None: all of them)."""
+    """Static shape of a slot state: `slots` rows decoding together, each with a KV cache of `cache_len` columns
+    (the prompt bucket + the budget); `window`: the leading columns a decode call attends over (None: all)."""
 
     decode: DecodeSpec
     slots: int
@@ -58,8 +57,12 @@ class SlotSpec:
             raise ValueError(f"SlotSpec.window must be in [1, cache_len={self.cache_len}], got {self.window}")
 
     @property
-    def windowed(self) -> bool:
-        return self.window is not None and self.window < self.cache_len
+    def prompt_width(self) -> int:
+        return self.cache_len - self.decode.max_new_tokens
+
+    @property
+    def attended(self) -> int:
+        return self.window or self.cache_len
 
 
 def init_slots(config: ModelConfig, spec: SlotSpec, sharding: Optional[BatchSharding] = None) -> SlotState:
@@ -67,7 +70,9 @@ def init_slots(config: ModelConfig, spec: SlotSpec, sharding: Optional[BatchShar
     s, budget = spec.slots, spec.decode.max_new_tokens
     key_data = jax.random.key_data(jax.random.key(0))
     state = dict(
-        cache=_constrain_cache(init_cache(config, s, spec.cache_len, spec.decode.cache_dtype), sharding),
+        cache=_constrain_cache(dataclasses.replace(  # the index starts where a first prompt fits before it
+            init_cache(config, s, spec.cache_len, spec.decode.cache_dtype),
+            index=jnp.asarray(spec.prompt_width, jnp.int32)), sharding),
         last=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32), budget=jnp.zeros((s,), jnp.int32),
         prompt_len=jnp.zeros((s,), jnp.int32), start=jnp.zeros((s,), jnp.int32),
         key_data=jnp.zeros((s,) + key_data.shape, key_data.dtype),
@@ -107,7 +112,7 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
     slot_ids: [k*n] the slot of each (prompt, sample) row, prompt-major, with S (out of range) for rows to drop;
     budgets: [k*n] each row's token budget.
     Every prompt is prefilled once; its KV rows are copied into its samples' slots so that the prompt ends at the
-    ring's write index, and each row's first token is chosen from the prompt's last logits.
+    shared write index, and each row's first token is chosen from the prompt's last logits.
     """
     if on_trace is not None:
         on_trace(("insert", prompt_ids.shape, spec))
@@ -129,8 +134,9 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
     stopped = _stops(d, choice.tokens)
 
     cache: KVCache = slots["cache"]
-    ring = (cache.index - width + jnp.arange(width, dtype=jnp.int32)) % spec.cache_len  # the prompt's ring slots
-    rows, cols = slot_ids[:, None], ring[None, :]
+    # The prompt's columns; the write index is never below the prompt bucket (init_slots, move_to_front).
+    columns = cache.index - width + jnp.arange(width, dtype=jnp.int32)
+    rows, cols = slot_ids[:, None], columns[None, :]
 
     def place(big: jax.Array, part: jax.Array) -> jax.Array:
         return big.at[rows, cols].set(part[source].astype(big.dtype), mode="drop")
@@ -156,7 +162,7 @@ def insert(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, prompt_id
     put("step", jnp.ones((k * n,), jnp.int32))
     put("budget", budgets.astype(jnp.int32))
     put("prompt_len", jnp.sum(prompt_segments != 0, axis=1).astype(jnp.int32)[source])
-    put("start", jnp.full((k * n,), ring[0], jnp.int32))  # the ring column of the row's first (padded) prompt slot
+    put("start", jnp.full((k * n,), columns[0], jnp.int32))  # the column of the row's first (padded) prompt slot
     put("key_data", key_data)
     put("stopped", stopped)
     put("active", ~stopped & (budgets > 1))
@@ -173,7 +179,7 @@ def compact(slots: SlotState, keep: jax.Array, *, spec: SlotSpec, sharding: Opti
 
     Once the queue is empty, finished rows leave idle slots that every decode step would still compute (and whose
     KV caches it would still read); the host moves the rows still running into a state with half the slots (each
-    size compiles once). Rows keep their caches, steps and keys, and the ring index is shared, so their tokens are
+    size compiles once). Rows keep their caches, steps and keys, and the write index is shared, so their tokens are
     unchanged."""
     chex.assert_shape(keep, (spec.slots,))
     cache: KVCache = slots["cache"]
@@ -190,7 +196,9 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
     """Decode steps over all slots until at least `free_target` slots are inactive, or none is active, or (with a
     window) the window is full.
 
-    A step feeds every active row's last token at its own position, writes its KV at the shared ring index, and
+    The running rows' columns move to the front of the cache first (`move_to_front`). A step feeds every active
+    row's last token at its own position, attends over the first `spec.attended` columns, writes its KV at the
+    shared write index, and
     records the next token in the row's own column; a row stops at a stop token or at its budget.
     """
     if on_trace is not None:
@@ -201,16 +209,16 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
     everyone = jnp.arange(s, dtype=jnp.int32)
 
     def cond(c: SlotState) -> jax.Array:
-        room = c["cache"].index < spec.window if spec.windowed else True
+        room = c["cache"].index < spec.attended
         return (jnp.sum(~c["active"]) < free_target) & jnp.any(c["active"]) & room
 
     def body(c: SlotState) -> SlotState:
         active = c["active"]
         # The last token sits at position prompt_len + step - 1 (the static engine's `body` with per-row steps).
         positions = (c["prompt_len"] + c["step"] - 1)[:, None]
+        attend = spec.window if spec.attended < spec.cache_len else None
         hidden, cache = model.hidden_states(c["last"][:, None], positions, active.astype(jnp.int32)[:, None],
-                                            cache=c["cache"])
-        cache = dataclasses.replace(cache, index=cache.index % spec.cache_len)
+                                            cache=c["cache"], attend_len=attend)
         logits = _constrain(model.logits_from_hidden(hidden[:, 0]), sharding)
         choice = _choose(d, logits, c["key_data"], c["step"], temperature, top_p)
         token = jnp.where(active, choice.tokens, d.pad_id)
@@ -232,34 +240,39 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
         out["decode_steps"] = c["decode_steps"] + 1
         return out
 
-    if not spec.windowed:
-        return jax.lax.while_loop(cond, body, slots)
-    full: KVCache = slots["cache"]
-    view, columns = window_view(full, slots["active"], slots["start"], spec)
-    out = jax.lax.while_loop(cond, body, dict(slots, cache=_constrain_cache(view, sharding)))
-    out["cache"] = _constrain_cache(window_write_back(full, out["cache"], columns, spec), sharding)
-    return out
+    return jax.lax.while_loop(cond, body, move_to_front(slots, spec, sharding))
 
 
-def window_view(cache: KVCache, active: jax.Array, start: jax.Array, spec: SlotSpec) -> tuple[KVCache, jax.Array]:
-    """The `spec.window` ring columns that end at the write index and begin at the oldest active row's first column,
-    as a cache of that length whose write index is the oldest row's span (the decode loop stops when it is full);
-    and those columns' ring numbers. Requires window > the oldest active row's span (the host's `WindowPolicy`)."""
-    chex.assert_shape([active, start], (spec.slots,))
-    span = jnp.max(jnp.where(active, (cache.index - start) % spec.cache_len, 0))
-    columns = (cache.index - span + jnp.arange(spec.window, dtype=jnp.int32)) % spec.cache_len
-    view = KVCache(keys=tuple(k[:, columns] for k in cache.keys), values=tuple(v[:, columns] for v in cache.values),
-                   segment_ids=cache.segment_ids[:, columns], positions=cache.positions[:, columns], index=span)
-    return view, columns
+MOVE_CHUNK = 64  # columns per step of `move_to_front`'s in-place move (then single columns for the remainder)
 
 
-def window_write_back(cache: KVCache, view: KVCache, columns: jax.Array, spec: SlotSpec) -> KVCache:
-    """The ring cache with a decoded window written back to its columns, and the write index advanced as far."""
-    def back(big: jax.Array, part: jax.Array) -> jax.Array:
-        return big.at[:, columns].set(part, unique_indices=True)
+def move_to_front(slots: SlotState, spec: SlotSpec, sharding: Optional[BatchSharding] = None) -> SlotState:
+    """The slot state with the running rows' columns [index - span, index) moved to [0, span) of the cache (span:
+    the oldest running row's prompt bucket plus its steps, at least one prompt bucket), the write index set to
+    span and every later column cleared (segment 0), so a decode call may attend over a prefix of the cache.
 
-    index = (columns[0] + view.index) % spec.cache_len
-    return KVCache(keys=tuple(back(b, p) for b, p in zip(cache.keys, view.keys)),
-                   values=tuple(back(b, p) for b, p in zip(cache.values, view.values)),
-                   segment_ids=back(cache.segment_ids, view.segment_ids), index=index.astype(jnp.int32),
-                   positions=back(cache.positions, view.positions))
+    The move runs in place, MOVE_CHUNK columns and then single columns at a time, front to back (each piece is
+    read before anything overwrites it), so it needs no second cache; it is skipped when the columns are at the
+    front already."""
+    cache: KVCache = slots["cache"]
+    chex.assert_shape([slots["active"], slots["start"]], (spec.slots,))
+    span = jnp.maximum(jnp.max(jnp.where(slots["active"], cache.index - slots["start"], 0)), spec.prompt_width)
+    shift = cache.index - span
+    arrays = (*cache.keys, *cache.values, cache.segment_ids, cache.positions)
+
+    def moved(arrays: tuple, count: jax.Array, size: int, offset: jax.Array) -> tuple:
+        def body(i: jax.Array, arrays: tuple) -> tuple:
+            at = offset + i * size
+            return tuple(jax.lax.dynamic_update_slice_in_dim(
+                a, jax.lax.dynamic_slice_in_dim(a, shift + at, size, axis=1), at, axis=1) for a in arrays)
+        return jax.lax.fori_loop(0, jnp.where(shift > 0, count, 0), body, arrays)
+
+    chunk = min(MOVE_CHUNK, spec.cache_len)
+    chunks = span // chunk
+    arrays = moved(arrays, chunks, chunk, jnp.zeros((), jnp.int32))
+    arrays = moved(arrays, span % chunk, 1, chunks * chunk)
+    layers = len(cache.keys)
+    segment_ids = jnp.where(jnp.arange(spec.cache_len, dtype=jnp.int32)[None, :] < span, arrays[-2], 0)
+    cache = KVCache(keys=arrays[:layers], values=arrays[layers:2 * layers], segment_ids=segment_ids,
+                    positions=arrays[-1], index=span.astype(jnp.int32))
+    return dict(slots, cache=_constrain_cache(cache, sharding), start=_constrain(slots["start"] - shift, sharding))

@@ -104,7 +104,7 @@ class Sampler:
     refill_prompts: prompts prefilled per refill (None: an eighth of the slots' prompts, at least one); the
       engine decodes until that many groups of slots are free.
     decode_windows: attention window sizes of the continuous engine's decode calls: each attends over the part of
-      its ring cache that running rows use, the smallest of this many sizes that fits (1: always the whole cache).
+      its KV cache that running rows use, the smallest of this many sizes that fits (1: always the whole cache).
       Same tokens; each size compiles one more decode program, all in a call's first decode.
     """
 

@@ -106,10 +106,10 @@ class RefillPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class WindowPolicy:
-    """The attention window of each decode call (`continuous.decode`): `count` sizes evenly spaced up to the ring's
+    """The attention window of each decode call (`continuous.decode`): `count` sizes evenly spaced up to the cache
     length L (multiples of 8, the last one L itself). A call gets the smallest that holds the oldest running row's
-    span plus `room` more decode steps (L / (4 count)); it stops early only when that room is used up. count 1:
-    every call attends over the whole ring."""
+    span plus `room` more decode steps (L / (4 count)); it stops early when the window is full. count 1: every
+    call attends over the whole cache."""
 
     cache_len: int
     count: int = 4
@@ -129,9 +129,9 @@ class WindowPolicy:
         return max(1, self.cache_len // (4 * self.count))
 
     def window(self, span: int) -> int:
-        """The window for a call whose oldest running row spans `span` ring columns (its prompt bucket + steps)."""
+        """The window for a call whose oldest running row spans `span` columns (its prompt bucket + steps)."""
         if not 0 <= span < self.cache_len:
-            raise RuntimeError(f"a running row spans {span} columns of a {self.cache_len}-column ring")
+            raise RuntimeError(f"a running row spans {span} columns of a {self.cache_len}-column cache")
         return next((size for size in self.sizes if size >= span + self.room), self.cache_len)
 
 
@@ -185,14 +185,14 @@ class EngineStats:
     slots: int
     row_steps: int  # slots computed, summed over decode steps (fewer than decode_steps x slots once drained)
     compactions: int
-    attended_columns: int = 0  # cache columns attended over, summed over row-steps (row_steps x ring without windows)
+    attended_columns: int = 0  # cache columns attended over, summed over row-steps (row_steps x L without windows)
 
 
 class ContinuousEngine:
     """Runs one generate call's rows through `slots` decode slots.
 
     graphdef/sharding/on_trace: as for the static kernel; place: puts a host array on the devices, batch-sharded.
-    windows: attention window sizes of the full slot state's decode calls (`WindowPolicy`; 1: the whole ring). A
+    windows: attention window sizes of the full slot state's decode calls (`WindowPolicy`; 1: the whole cache). A
     call's first decode compiles every window's program, so later calls compile nothing new.
     """
 
@@ -303,7 +303,7 @@ class ContinuousEngine:
                     break
                 target = policy.drain_target(slot_row.size)
             call_spec = slot_spec
-            if slot_spec.slots == slots and windows.count > 1:  # the drain's smaller states attend over the ring
+            if slot_spec.slots == slots and windows.count > 1:  # the drain's smaller states attend over all L
                 running = slot_row >= 0
                 span = width + steps_before - int(inserted_at[running].min()) if running.any() else 0
                 window = windows.window(span)
