@@ -23,6 +23,10 @@ from toolrl_jax.models.lora import (
     save_peft_adapter,
 )
 
+# The shared compilation cache (conftest.py): the GRPO/PPO/dropout tests build the same sampler and log-prob
+# programs again.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _logits(model: CausalLM, ids: np.ndarray) -> np.ndarray:
     b, t = ids.shape
