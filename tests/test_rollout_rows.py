@@ -28,6 +28,9 @@ from toolrl_jax.training.layout import RowLayout, row_extents, rows_by_length, s
 from toolrl_jax.training.rollout import batched_logprobs, collect_logprobs, dispatch_logprobs
 from toolrl_jax.training.sequences import join_prompt_and_response, response_logprobs
 
+# The shared compilation cache (conftest.py): the fused and split updates recompile equal programs per case.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 PROMPT_WIDTH, RESPONSE_WIDTH = 16, 12
 
 
