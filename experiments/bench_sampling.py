@@ -86,6 +86,8 @@ _ENGINES = flags.DEFINE_list("engines", ["continuous", "continuous_full", "stati
                             "every decode step attending over its whole KV cache, static_slots, static_all, hf).")
 _WINDOWS = flags.DEFINE_integer("decode_windows", 4, "long_tail: attention window sizes of the continuous engine's "
                                 "decode calls (Sampler decode_windows).", lower_bound=1)
+_MIN_WINDOW = flags.DEFINE_integer("min_decode_window", 128, "long_tail: the narrowest attention window used (Sampler "
+                                   "min_decode_window).", lower_bound=1)
 _MODEL_SLOTS = flags.DEFINE_list("schedule_slots", ["16", "64", "256"], "long_tail: slot counts of the schedule "
                                  "model (row-steps of both engines, replayed on --schedule_rows lengths).")
 _MODEL_ROWS = flags.DEFINE_integer("schedule_rows", 2048, "long_tail: rows of the schedule model (ToolRL: 512 x 4).")
@@ -301,7 +303,8 @@ def _worker_tail(engine: str) -> dict[str, Any]:
     continuous = engine.startswith("continuous")
     sampler = Sampler(model, pad_id=pad, stop_token_ids=config.eos_token_ids,
                       engine="continuous" if continuous else "static", slots=slots,
-                      decode_windows=1 if engine == "continuous_full" else _WINDOWS.value)
+                      decode_windows=1 if engine == "continuous_full" else _WINDOWS.value,
+                      min_decode_window=_MIN_WINDOW.value)
     del model
     cfg = SamplingConfig(max_new_tokens=_NEW.value, temperature=_TEMP.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
                          group_size=n, ignore_stop=True, prompt_length_buckets=(_PROMPT.value,),
@@ -496,7 +499,8 @@ def _spawn(worker: str, weights_dir: Path, scratch: Path, batch: int | None = No
 def _serialized_flags() -> list[str]:
     names = ("model", "prompt_len", "new_tokens", "temperature", "top_p", "top_k", "dtype", "attention_impl",
              "hf_attn", "repeats", "measure_prefill", "seed", "engine", "rows", "group_size", "slots", "length_dist",
-             "length_mean", "length_sigma", "decode_windows")
+             "length_mean", "length_sigma", "decode_windows",
+             "min_decode_window")
     return [flags.FLAGS[name].serialize() for name in names]
 
 

@@ -81,7 +81,7 @@ def test_long_tail_workload_runs_the_engines_side_by_side(tmp_path):
     out = tmp_path / "tail.json"
     proc = _run("--workload=long_tail", "--rows=12", "--group_size=2", "--slots=4", "--prompt_len=8",
                 "--new_tokens=48", "--length_dist=lognormal", "--length_mean=12", "--length_sigma=0.8",
-                "--engines=continuous,continuous_full,static_slots", f"--json_out={out}")
+                "--engines=continuous,continuous_full,static_slots", "--min_decode_window=8", f"--json_out={out}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     by_impl = {r["impl"]: r for r in report["results"]}

@@ -27,7 +27,7 @@ def engines():
     counts = np.bincount(free.response_ids[:, 2:].ravel(), minlength=128)
     stops = tuple(int(t) for t in np.argsort(-counts)[:2])
     static = Sampler(model, pad_id=PAD, stop_token_ids=stops, engine="static")
-    continuous = Sampler(model, pad_id=PAD, stop_token_ids=stops, slots=4, refill_prompts=1)
+    continuous = Sampler(model, pad_id=PAD, stop_token_ids=stops, slots=4, refill_prompts=1, min_decode_window=8)
     return model, static, continuous
 
 
@@ -173,11 +173,14 @@ def test_attention_windows_cover_the_running_rows_and_change_nothing(engines):
     assert policy.sizes == (272, 544, 816, 1088) and policy.room == 68
     assert [policy.window(span) for span in (0, 204, 205, 600, 748, 749, 1087)] == [272, 272, 544, 816, 816, 1088,
                                                                                      1088]
-    assert WindowPolicy(52, 4).sizes == (16, 32, 40, 52) and WindowPolicy(52, 1).sizes == (52,)
+    assert WindowPolicy(52, 4, min_window=8).sizes == (16, 32, 40, 52) and WindowPolicy(52, 1).sizes == (52,)
+    assert WindowPolicy(52, 4).sizes == (52,) and WindowPolicy(1088, 16).sizes[:2] == (136, 208)  # not 72
     with pytest.raises(RuntimeError, match="spans 52 columns of a 52-column cache"):
         WindowPolicy(52, 4).window(52)
     with pytest.raises(ValueError, match="decode windows must be a positive integer"):
         Sampler(engines[0], pad_id=PAD, decode_windows=0)
+    with pytest.raises(ValueError, match="the minimum decode window must be a positive integer"):
+        Sampler(engines[0], pad_id=PAD, min_decode_window=0)
 
     model, _, windowed = engines
     whole = Sampler(model, pad_id=PAD, stop_token_ids=windowed.stop_token_ids, slots=4, refill_prompts=1,

@@ -42,12 +42,15 @@ SCRIPT = textwrap.dedent("""
     assert sharded.sharding.batch_axes == ("data", "fsdp") and sharded.sharding.head_axis == "tensor"
     got = [sharded.generate(prompts, cfg, 3) for cfg in (greedy, sampled)]
     # The continuous engine on the mesh: 4 slots (one per data-parallel shard), refilled one prompt at a time.
-    continuous = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=4, refill_prompts=1)
+    continuous = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=4, refill_prompts=1,
+                         min_decode_window=8)
     for cfg in (greedy, sampled):
         got.append(continuous.generate(prompts, cfg, 3))
         assert continuous._continuous.last_stats.inserts >= 2, continuous._continuous.last_stats
+    assert any(sig[-1].window for sig in continuous.traces if sig[0] == "decode")  # attention windows on the mesh
     # 16 slots on the mesh: refills, then the drain's compactions (16 -> 8 -> 4 slots) gather sharded slot states.
-    drained = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=16, refill_prompts=2)
+    drained = Sampler(sharded_model, pad_id=0, stop_token_ids=(2,), mesh=mesh, slots=16, refill_prompts=2,
+                      min_decode_window=8)
     more = prompts * 2
     want_more = single.generate(more, sampled, 3)
     got_more = drained.generate(more, sampled, 3)

@@ -106,12 +106,14 @@ class Sampler:
     decode_windows: attention window sizes of the continuous engine's decode calls: each attends over the part of
       its KV cache that running rows use, the smallest of this many sizes that fits (1: always the whole cache).
       Same tokens; each size compiles one more decode program, all in a call's first decode.
+    min_decode_window: windows narrower than this many cache columns are not used (they save too little per step
+      to repay their compile); small caches then decode over the whole cache.
     """
 
     def __init__(self, model: CausalLM, pad_id: int, stop_token_ids: Sequence[int] = (), tokenizer: Any = None,
                  mesh: Optional[Mesh] = None, batch_axes: Optional[Sequence[str]] = None, cast_params: bool = True,
                  cache_dtype: Optional[str] = None, engine: str = "continuous", slots: Optional[int] = None,
-                 refill_prompts: Optional[int] = None, decode_windows: int = 4):
+                 refill_prompts: Optional[int] = None, decode_windows: int = 4, min_decode_window: int = 128):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         for name, value in (("slots", slots), ("refill_prompts", refill_prompts)):
@@ -139,7 +141,7 @@ class Sampler:
             functools.partial(generate_tokens, self._graphdef, sharding=self.sharding, on_trace=self._count),
             static_argnames=("spec",))
         self._continuous = ContinuousEngine(self._graphdef, self.config, self.sharding, self._place, self._count,
-                                            windows=decode_windows)
+                                            windows=decode_windows, min_window=min_decode_window)
         # The kernels of multi-turn sessions (`sessions.SessionGenerator`), shared by every session of this sampler.
         self._start_rows = jax.jit(
             functools.partial(start_rows, self._graphdef, sharding=self.sharding, on_trace=self._count),

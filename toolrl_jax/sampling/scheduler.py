@@ -107,22 +107,25 @@ class RefillPolicy:
 @dataclasses.dataclass(frozen=True)
 class WindowPolicy:
     """The attention window of each decode call (`continuous.decode`): `count` sizes evenly spaced up to the cache
-    length L (multiples of 8, the last one L itself). A call gets the smallest that holds the oldest running row's
-    span plus `room` more decode steps (L / (4 count)); it stops early when the window is full. count 1: every
-    call attends over the whole cache."""
+    length L (multiples of 8, the last one L itself), leaving out those narrower than `min_window` (each size is
+    one more compiled decode, which a narrow window does not repay). A call gets the smallest that holds the oldest
+    running row's span plus `room` more decode steps (L / (4 count)); it stops early when the window is full.
+    count 1: every call attends over the whole cache."""
 
     cache_len: int
     count: int = 4
+    min_window: int = 128
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or int(self.count) != self.count or self.count < 1:
-            raise ValueError(f"decode windows must be a positive integer, got {self.count!r}")
+        for name, value in (("decode windows", self.count), ("the minimum decode window", self.min_window)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def sizes(self) -> tuple[int, ...]:
         sizes = {min(self.cache_len, _round_up(-(-self.cache_len * i // self.count), 8))
                  for i in range(1, self.count + 1)}
-        return tuple(sorted(sizes))
+        return tuple(sorted(size for size in sizes if size >= self.min_window or size == self.cache_len))
 
     @property
     def room(self) -> int:
@@ -192,15 +195,16 @@ class ContinuousEngine:
     """Runs one generate call's rows through `slots` decode slots.
 
     graphdef/sharding/on_trace: as for the static kernel; place: puts a host array on the devices, batch-sharded.
-    windows: attention window sizes of the full slot state's decode calls (`WindowPolicy`; 1: the whole cache). A
-    call's first decode compiles every window's program, so later calls compile nothing new.
+    windows / min_window: attention window sizes of the full slot state's decode calls and the narrowest one used
+    (`WindowPolicy`; 1 size: the whole cache). A call's first decode compiles every window's program, so later
+    calls compile nothing new.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, model_config: ModelConfig, sharding: Optional[BatchSharding],
                  place: Callable[[np.ndarray], jax.Array], on_trace: Optional[Callable[[tuple], None]] = None,
-                 windows: int = 4):
-        WindowPolicy(1, windows)  # validates
-        self._windows = windows
+                 windows: int = 4, min_window: int = 128):
+        WindowPolicy(1, windows, min_window)  # validates
+        self._windows, self._min_window = windows, min_window
         self._compiled_windows: set[continuous.SlotSpec] = set()
         self._model_config = model_config
         self._sharding = sharding
@@ -239,7 +243,7 @@ class ContinuousEngine:
         rows = len(prompts) * n
         slot_spec = continuous.SlotSpec(decode=spec, slots=slots, cache_len=width + budget)
         policy = RefillPolicy(slots, n, refill_prompts, self._multiple)
-        windows = WindowPolicy(slot_spec.cache_len, self._windows)
+        windows = WindowPolicy(slot_spec.cache_len, self._windows, self._min_window)
 
         names = ["tokens", "logprobs"] + (["tempered_logprobs"] if spec.tempered_logprobs else [])
         out = {name: np.zeros((rows, budget), np.float32) for name in names}
@@ -303,7 +307,7 @@ class ContinuousEngine:
                     break
                 target = policy.drain_target(slot_row.size)
             call_spec = slot_spec
-            if slot_spec.slots == slots and windows.count > 1:  # the drain's smaller states attend over all L
+            if slot_spec.slots == slots and len(windows.sizes) > 1:  # the drain's smaller states attend over all L
                 running = slot_row >= 0
                 span = width + steps_before - int(inserted_at[running].min()) if running.any() else 0
                 window = windows.window(span)
