@@ -13,6 +13,9 @@ from toolrl_jax.training.grpo import GRPOConfig, GRPOTrainer
 from toolrl_jax.training.layout import stack_minibatches
 from toolrl_jax.training.sequences import join_prompt_and_response
 
+# The shared compilation cache (conftest.py): trainers of one tiny model compile the same sampler and update programs.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _trainer(folder, reward=None, **overrides) -> tuple[GRPOTrainer, list, list]:
     _, model = load_hf_model(folder, dtype="float32")
