@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -21,8 +22,10 @@ from tests.conftest import REPO_ROOT
 from tests.test_grpo_cli import _WARM, _grpo_command, _metrics
 
 
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 600, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """cmd's result. The runs that train pass env=cached_env (conftest.py): the resumes and the other short runs of
+    the tiny test flags load the programs the first run compiled instead of compiling them again."""
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -83,21 +86,23 @@ def test_a_bad_ground_truth_is_named_by_file_and_row_before_the_model_loads(weig
 
 
 @pytest.mark.slow
-def test_a_bad_row_is_skipped_and_counted_on_request(tiny_chat_model_dir, shared_dir, tmp_path):
+def test_a_bad_row_is_skipped_and_counted_on_request(tiny_chat_model_dir, shared_dir, tmp_path, cached_env):
     data = tmp_path / "train.parquet"
     _write_parquet_with_a_bad_row(shared_dir, data)
     proc = _run(_grpo_command(tiny_chat_model_dir, tmp_path / "run", f"--data={data}", "--bad_rows=skip",
-                              "--total_steps=1", "--val_every=0"))
+                              "--total_steps=1", "--val_every=0"), env=cached_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 examples, 1 bad row(s) skipped" in proc.stderr and "row 4" in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tiny_chat_model_dir, tmp_path):
+def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tiny_chat_model_dir, tmp_path,
+                                                                          cached_env):
     """--lr=1e6: the first update throws the parameters far out, every later gradient is non-finite. Each skipped
     update is logged, the third in a row stops the run (exit != 0), and no checkpoint or export is written after."""
     run = tmp_path / "run"
-    proc = _run(_grpo_command(tiny_chat_model_dir, run, "--lr=1e6", "--max_grad_norm=0", "--val_every=0"))
+    proc = _run(_grpo_command(tiny_chat_model_dir, run, "--lr=1e6", "--max_grad_norm=0", "--val_every=0"),
+                env=cached_env)
     assert proc.returncode != 0
     assert "TrainingDivergedError" in proc.stderr, proc.stderr[-3000:]
     assert "update skipped at GRPO step" in proc.stderr
@@ -110,10 +115,10 @@ def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tiny_c
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_chat_model_dir, tmp_path_factory) -> Path:
+def finished_run(tiny_chat_model_dir, tmp_path_factory, cached_env) -> Path:
     """A 4-step run of the tiny test flags, checkpoints of steps 2-4 kept (SFT warm-up, a trainable subset)."""
     run = tmp_path_factory.mktemp("fault") / "straight"
-    proc = _run(_grpo_command(tiny_chat_model_dir, run, *_WARM))
+    proc = _run(_grpo_command(tiny_chat_model_dir, run, *_WARM), env=cached_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -135,12 +140,12 @@ def _flip_a_byte(step_dir: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_corrupted_checkpoint_is_rejected_and_the_run_continues_exactly(tiny_chat_model_dir, finished_run,
-                                                                         tmp_path):
+                                                                         tmp_path, cached_env):
     """Step 4's checkpoint gets a flipped byte: --resume names it, falls back to step 3, trains step 4 again (the
     same metrics and weights as the uninterrupted run), keeps the rejected copy aside and writes step 4 anew."""
     run = _copy_run(finished_run, tmp_path / "corrupted")
     _flip_a_byte(run / "checkpoints" / "4")
-    proc = _run(_grpo_command(tiny_chat_model_dir, run, *_WARM, "--resume"))
+    proc = _run(_grpo_command(tiny_chat_model_dir, run, *_WARM, "--resume"), env=cached_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4 rejected (checksum)" in proc.stderr, proc.stderr[-3000:]
     assert (run / "checkpoints" / "rejected" / "4").is_dir() and (run / "checkpoints" / "4").is_dir()
@@ -154,7 +159,7 @@ def test_a_corrupted_checkpoint_is_rejected_and_the_run_continues_exactly(tiny_c
 
 @pytest.mark.slow
 def test_resuming_with_other_weights_or_shapes_stops_naming_what_differs(tiny_chat_model_dir, finished_run,
-                                                                       tmp_path):
+                                                                       tmp_path, cached_env):
     run = _copy_run(finished_run, tmp_path / "mismatch")
     before = _tree_bytes(run)
     other = tmp_path / "other_model"  # the same shapes, one weight changed
@@ -179,7 +184,7 @@ def test_resuming_with_other_weights_or_shapes_stops_naming_what_differs(tiny_ch
 
     # A deliberate change goes through with --resume_allow, and the earlier launch's flags are kept.
     proc = _run(_grpo_command(other, run, *_WARM, "--resume", "--resume_allow=weights", "--total_steps=5",
-                              "--val_every=0"))
+                              "--val_every=0"), env=cached_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming with a change allowed by --resume_allow: weights.checksum" in proc.stderr
     assert (run / "flags.txt").read_bytes() == before["flags.txt"]
