@@ -18,6 +18,9 @@ from toolrl_jax.optim import OptimizerConfig
 from toolrl_jax.rewards.functions import CombinedReward, toolrl_reward
 from toolrl_jax.rl.ppo import PolicyLossConfig
 
+# The shared compilation cache (conftest.py): trainers of one tiny model compile the same sampler and update programs.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def probe(responses, ground_truths, step):
     """A reward that differs between a group's responses only for prompts whose ground truth is "vary"."""
