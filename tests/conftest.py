@@ -94,11 +94,17 @@ def compilation_cache_dir(tmp_path_factory) -> Path:
     return path
 
 
+# A size bound turns on JAX's file lock around cache reads and writes (without one, a process may read an entry
+# another is still writing: JAX then warns and compiles again); 8 GiB is never reached by the suite.
+CACHE_MAX_BYTES = 8 * 2 ** 30
+
+
 @pytest.fixture(scope="session")
 def cached_env(compilation_cache_dir) -> dict[str, str]:
     """os.environ plus the shared compilation cache (every program cached), for commands the tests start."""
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                JAX_COMPILATION_CACHE_MAX_SIZE=str(CACHE_MAX_BYTES))
 
 
 @pytest.fixture
@@ -110,9 +116,9 @@ def compilation_cache(compilation_cache_dir) -> Iterator[Path]:
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
     previous = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(compilation_cache_dir), 0.0, 0)):
+    for name, value in zip(names, (str(compilation_cache_dir), 0.0, 0, CACHE_MAX_BYTES)):
         jax.config.update(name, value)
     cc.reset_cache()  # JAX decides once per process whether the cache is used: decide again
     try:
