@@ -25,11 +25,12 @@ Row i is forced to exactly L_i new tokens (per-row budgets, stop tokens ignored)
 `toolrl` is the log-normal fitted to the token lengths of ToolRL's 400 SFT reference answers (Qwen2.5 tokenizer:
 mean 370, median 363, 95th percentile 568, max 924; log-mean 5.854, log-sd 0.352; tests/test_sampling_bench.py
 re-fits it from ../shared), `lognormal` takes `--length_mean` and `--length_sigma`; lengths are clipped to
-[1, --new_tokens]. Side by side, each in its own process: our continuous engine with `--slots` slots, our static
-engine in batches of the slot count (equal KV memory) and with all rows in one batch, and Hugging Face `generate`
-in batches of the slot count (a logits processor forces each row's end). Reported: wall time after a compiling
-warm-up, useful tokens/s (sum of L_i / time), row-steps computed per useful token (1 = no step spent on a
-finished row or an idle slot), KV cache bytes, peak memory.
+[1, --new_tokens]. Side by side, each in its own process: our continuous engine with `--slots` slots (with its
+attention windows, and attending over the whole cache: `continuous_full`), our static engine in batches of the slot
+count (equal KV memory) and with all rows in one batch, and Hugging Face `generate` in batches of the slot count (a
+logits processor forces each row's end). Reported: wall time after a compiling warm-up, useful tokens/s (sum of
+L_i / time), row-steps computed per useful token (1 = no step spent on a finished row or an idle slot), cache
+columns a row-step attends over, KV cache bytes, peak memory.
 """
 from __future__ import annotations
 
