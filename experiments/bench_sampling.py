@@ -48,6 +48,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments.tools.rollout_lengths import (
+    dynamic_cache_columns,
     row_steps_static,
     schedule_model,
     tail_lengths,
@@ -400,20 +401,9 @@ def _worker_tail_hf() -> dict[str, Any]:
     result = {"impl": "hf_generate", "rows": len(lengths), "seconds": seconds, "warmup_s": warmup_s,
               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
               "row_steps_per_useful_token": row_steps_static(lengths, _SLOTS.value) / useful,
-              "attended_columns_per_row_step": _dynamic_cache_columns(lengths, _SLOTS.value, _PROMPT.value),
+              "attended_columns_per_row_step": dynamic_cache_columns(lengths, _SLOTS.value, _PROMPT.value),
               "torch": torch.__version__, "transformers": transformers.__version__}
     return {**result, **_torch_peak(device)}
-
-
-def _dynamic_cache_columns(lengths, rows_per_batch: int, prompt_len: int) -> float:
-    """Mean cache columns a row-step attends over with a cache that grows with the batch (HF's dynamic cache):
-    the prompt plus the tokens so far, for every step of a batch run to its longest row."""
-    total = count = 0
-    for i in range(0, len(lengths), rows_per_batch):
-        rows, steps = len(lengths[i:i + rows_per_batch]), int(max(lengths[i:i + rows_per_batch]))
-        total += rows * (steps * prompt_len + steps * (steps - 1) // 2)
-        count += rows * steps
-    return total / count
 
 
 def _tail_table(rows: list[dict[str, Any]]) -> str:

@@ -70,10 +70,10 @@ def test_static_row_steps_count_each_batch_at_its_longest_row():
 
 
 def test_dynamic_cache_columns_average_the_prompt_plus_tokens_so_far():
-    from experiments.bench_sampling import _dynamic_cache_columns
+    from experiments.tools.rollout_lengths import dynamic_cache_columns
 
     # One batch of 2 rows run 3 steps over a prompt of 8: columns 8, 9, 10 per row; then 1 row run 1 step: 8.
-    assert _dynamic_cache_columns([3, 1, 1], 2, 8) == (2 * (8 + 9 + 10) + 8) / 7
+    assert dynamic_cache_columns([3, 1, 1], 2, 8) == (2 * (8 + 9 + 10) + 8) / 7
 
 
 @pytest.mark.slow

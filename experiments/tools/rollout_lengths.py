@@ -38,3 +38,14 @@ def schedule_model(lengths, group: int, slots: int) -> dict[str, float]:
 def row_steps_static(lengths, rows_per_batch: int) -> int:
     """Rows x steps a static engine computes: each batch runs as many steps as its longest row."""
     return sum(rows_per_batch * max(lengths[i:i + rows_per_batch]) for i in range(0, len(lengths), rows_per_batch))
+
+
+def dynamic_cache_columns(lengths, rows_per_batch: int, prompt_len: int) -> float:
+    """Mean cache columns a row-step attends over with a cache that grows with the batch (HF's dynamic cache):
+    the prompt plus the tokens so far, for every step of a batch run to its longest row."""
+    total = count = 0
+    for i in range(0, len(lengths), rows_per_batch):
+        rows, steps = len(lengths[i:i + rows_per_batch]), int(max(lengths[i:i + rows_per_batch]))
+        total += rows * (steps * prompt_len + steps * (steps - 1) // 2)
+        count += rows * steps
+    return total / count
