@@ -64,6 +64,10 @@ class SlotSpec:
     def attended(self) -> int:
         return self.window or self.cache_len
 
+    def with_window(self, size: int) -> "SlotSpec":
+        """This spec attending over `size` leading columns (None, one compiled program, when that is all of them)."""
+        return dataclasses.replace(self, window=size if size < self.cache_len else None)
+
 
 def init_slots(config: ModelConfig, spec: SlotSpec, sharding: Optional[BatchSharding] = None) -> SlotState:
     """Empty slots (none active). Keys are stored as raw key data so they can be scattered like other arrays."""

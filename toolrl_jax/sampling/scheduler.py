@@ -310,15 +310,14 @@ class ContinuousEngine:
             if slot_spec.slots == slots and len(windows.sizes) > 1:  # the drain's smaller states attend over all L
                 running = slot_row >= 0
                 span = width + steps_before - int(inserted_at[running].min()) if running.any() else 0
-                window = windows.window(span)
-                call_spec = dataclasses.replace(slot_spec, window=window if window < slot_spec.cache_len else None)
+                call_spec = slot_spec.with_window(windows.window(span))
                 self._compile_windows(params, state, np.int32(target), temperature, top_p, slot_spec, windows,
                                       call_spec)
             state = self._decode(params, state, np.int32(target), temperature, top_p, spec=call_spec)
             decode_calls += 1
             steps = int(to_numpy(state["decode_steps"]))
             row_steps += (steps - steps_before) * slot_row.size
-            attended += (steps - steps_before) * slot_row.size * (call_spec.window or call_spec.cache_len)
+            attended += (steps - steps_before) * slot_row.size * call_spec.attended
             steps_before = steps
             self._collect(state, slot_row, out, names)
         self.last_stats = EngineStats(decode_steps=steps_before, inserts=inserts, decode_calls=decode_calls,
@@ -336,7 +335,7 @@ class ContinuousEngine:
             return
         self._compiled_windows.add(slot_spec)
         for size in windows.sizes:
-            spec = dataclasses.replace(slot_spec, window=size if size < slot_spec.cache_len else None)
+            spec = slot_spec.with_window(size)
             if spec != calling:
                 self._decode.lower(params, state, target, temperature, top_p, spec=spec).compile()
 
