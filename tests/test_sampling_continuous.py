@@ -177,6 +177,14 @@ def test_attention_windows_cover_the_running_rows_and_change_nothing(engines):
     assert WindowPolicy(52, 4).sizes == (52,) and WindowPolicy(1088, 16).sizes[:2] == (136, 208)  # not 72
     with pytest.raises(RuntimeError, match="spans 52 columns of a 52-column cache"):
         WindowPolicy(52, 4).window(52)
+    # One spec per attended width: the whole cache is window None, never an explicit full-width window.
+    from toolrl_jax.sampling.continuous import SlotSpec
+    spec = SlotSpec(decode=None, slots=4, cache_len=52)  # (the window rule reads no decode setting)
+    assert spec.with_window(52) == spec and spec.with_window(60).window is None and spec.with_window(16).window == 16
+    assert spec.attended == 52 and spec.with_window(16).attended == 16
+    for bad in (0, 52):
+        with pytest.raises(ValueError, match=r"window must be in \[1, cache_len=52\) or None"):
+            SlotSpec(decode=None, slots=4, cache_len=52, window=bad)
     with pytest.raises(ValueError, match="decode windows must be a positive integer"):
         Sampler(engines[0], pad_id=PAD, decode_windows=0)
     with pytest.raises(ValueError, match="the minimum decode window must be a positive integer"):

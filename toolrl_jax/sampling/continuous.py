@@ -45,7 +45,8 @@ SlotState = dict  # name -> array with a leading slot axis (plus "cache", a KVCa
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
     """Static shape of a slot state: `slots` rows decoding together, each with a KV cache of `cache_len` columns
-    (the prompt bucket + the budget); `window`: the leading columns a decode call attends over (None: all)."""
+    (the prompt bucket + the budget); `window`: the leading columns a decode call attends over, fewer than
+    cache_len (None: all of them, so that each attended width has one spec and one compiled program)."""
 
     decode: DecodeSpec
     slots: int
@@ -53,8 +54,9 @@ class SlotSpec:
     window: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.window is not None and not 1 <= self.window <= self.cache_len:
-            raise ValueError(f"SlotSpec.window must be in [1, cache_len={self.cache_len}], got {self.window}")
+        if self.window is not None and not 1 <= self.window < self.cache_len:
+            raise ValueError(f"SlotSpec.window must be in [1, cache_len={self.cache_len}) or None (all columns), "
+                             f"got {self.window}")
 
     @property
     def prompt_width(self) -> int:
@@ -65,7 +67,7 @@ class SlotSpec:
         return self.window or self.cache_len
 
     def with_window(self, size: int) -> "SlotSpec":
-        """This spec attending over `size` leading columns (None, one compiled program, when that is all of them)."""
+        """This spec attending over `size` leading columns (window None when that is all of them)."""
         return dataclasses.replace(self, window=size if size < self.cache_len else None)
 
 
@@ -220,9 +222,8 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, slots: SlotState, free_targ
         active = c["active"]
         # The last token sits at position prompt_len + step - 1 (the static engine's `body` with per-row steps).
         positions = (c["prompt_len"] + c["step"] - 1)[:, None]
-        attend = spec.window if spec.attended < spec.cache_len else None
         hidden, cache = model.hidden_states(c["last"][:, None], positions, active.astype(jnp.int32)[:, None],
-                                            cache=c["cache"], attend_len=attend)
+                                            cache=c["cache"], attend_len=spec.window)
         logits = _constrain(model.logits_from_hidden(hidden[:, 0]), sharding)
         choice = _choose(d, logits, c["key_data"], c["step"], temperature, top_p)
         token = jnp.where(active, choice.tokens, d.pad_id)
