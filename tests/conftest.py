@@ -1,4 +1,5 @@
-"""Shared test fixtures: locations of ../shared, tiny model folders, a shared JAX compilation cache, small helpers."""
+"""Shared test fixtures: locations of ../shared, tiny model folders, a shared JAX compilation cache, small helpers;
+and the test order (modules with slow tests first)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,19 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that hold slow (end-to-end) tests run first, each module's tests kept together and in order.
+
+    pytest-xdist hands tests to its workers in collection order (`-n 2` in pytest.ini), so a long test collected
+    last keeps one worker busy while the other has nothing left; started first, the long tests overlap the many
+    short ones. Only the order changes: every test still runs, on its own fixtures."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    slow_modules = {module(item) for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: module(item) not in slow_modules)  # stable: the order within a group stays
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,7 @@ def _scripted(folder, placement=None, **overrides) -> GRPOTrainer:
     return trainer
 
 
+@pytest.mark.slow
 def test_multiturn_rows_train_model_tokens_only(long_chat_model_dir):
     """Scripted trajectories that call tools: tool results sit in the rows (attended to) but outside the loss mask;
     the environment's verdict and the per-turn ToolRL reward make the rewards; a tool-result token's advantage and
@@ -135,6 +136,7 @@ def test_multiturn_rows_train_model_tokens_only(long_chat_model_dir):
                                                         jax.tree.leaves(jax.tree.map(np.asarray, trainer.params))))
 
 
+@pytest.mark.slow
 def test_one_turn_is_the_single_turn_step(long_chat_model_dir):
     """max_turns=1 with the real sampler: the rows (prompts, sampled tokens, masks) and old log-probs equal the
     single-turn rollout of the same prompts and key, and the same advantages give the same update."""

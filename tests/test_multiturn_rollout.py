@@ -564,6 +564,7 @@ def test_templates_that_do_not_write_the_turn_verbatim_are_detected(llama3, qwen
         IncrementalChat(newline).closes_turn(MESSAGES, "hi", 151645, 0)
 
 
+@pytest.mark.slow
 def test_rollout_engines_give_the_same_trajectories(smol):
     """Multi-turn rollouts through the continuous engine (2 slots, refilled), and through a session that keeps each
     trajectory's KV cache between turns, equal those through the static engine re-prefilling every turn."""

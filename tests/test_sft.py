@@ -205,6 +205,7 @@ def _run_sft(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_experiment_runs_end_to_end_resumes_and_exports(tiny_chat_model_dir, tmp_path):
     run_dir, export = tmp_path / "run", tmp_path / "export"
     common = ["--flagfile=experiments/configs/sft_default.flags", f"--model={tiny_chat_model_dir}",
@@ -298,6 +299,7 @@ def test_lora_sft_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_cha
         np.testing.assert_array_equal(np.asarray(after[jax.tree_util.keystr(path)]), np.asarray(value))
 
 
+@pytest.mark.slow
 def test_lora_dropout_in_sft_does_not_depend_on_micro_batching(tiny_chat_model_dir, tok):
     """The rows' dropout seeds come from (seed, step) and travel with the rows: micro-batches of 2 or 4 rows train
     the same adapters; dropout 0 trains others; evaluation is dropout-free (the same eval loss before training)."""
